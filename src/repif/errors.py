@@ -1,0 +1,15 @@
+"""Exceptions raised by repif. Every message names the bad value and the fix."""
+
+from __future__ import annotations
+
+
+class RepifError(Exception):
+    """Base class for repif's own errors."""
+
+
+class SolverDivergedError(RepifError, ArithmeticError):
+    """An iterative solver blew up (LiSSA) or met negative curvature (CG)."""
+
+
+class TooLargeError(RepifError, MemoryError):
+    """A dense computation was asked for on a problem larger than the stated limit."""

@@ -1,0 +1,149 @@
+"""The sampler interface: pick the curvature subset T of a pool and its weights.
+
+A sampler sees a :class:`Pool` (candidate training indices, their labels and, computed lazily in
+one streaming pass, their logits and penultimate features) and returns a :class:`Subset` of
+distinct pool members whose weights sum to 1. Same seed ⇒ same subset, bit for bit.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from repif.registry import Registry
+from repif.validation import check_finite
+
+REGISTRY: Registry[type[Sampler]] = Registry("sampler")
+
+
+@dataclass(frozen=True)
+class Subset:
+    """``indices`` (m,) int64 training indices and ``weights`` (m,) float64 summing to 1."""
+
+    indices: Tensor
+    weights: Tensor
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+
+@dataclass
+class Pool:
+    """Candidate training points for the curvature subset.
+
+    ``indices`` (k,) are global training indices, ``labels`` (k,) their classes. ``logits``
+    (k, C) and ``features`` (k, d) are computed on first access by ``stats`` and then kept.
+    """
+
+    indices: Tensor
+    labels: Tensor
+    num_classes: int
+    stats: Callable[[], tuple[Tensor, Tensor]] | None = None
+    _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def _load(self) -> None:
+        if "logits" not in self._cache:
+            if self.stats is None:
+                raise ValueError("this pool has no model to compute logits and features from")
+            logits, feats = self.stats()
+            check_finite(logits, "pool logits")
+            check_finite(feats, "pool features")
+            self._cache["logits"], self._cache["features"] = logits, feats
+
+    @property
+    def logits(self) -> Tensor:
+        self._load()
+        return self._cache["logits"]
+
+    @property
+    def features(self) -> Tensor:
+        self._load()
+        return self._cache["features"]
+
+    @property
+    def probabilities(self) -> Tensor:
+        return torch.softmax(self.logits.double(), dim=-1)
+
+
+class Sampler(ABC):
+    """Chooses ``m`` pool members and weights; subclasses set ``name`` to register."""
+
+    name: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            REGISTRY.add(cls.name, cls)
+
+    def select(self, pool: Pool, m: int, seed: int = 0) -> Subset:
+        """Draw the subset; raises ValueError for an empty pool or m outside [1, len(pool)]."""
+        if len(pool) == 0:
+            raise ValueError("the pool is empty; pass at least one training index as the pool")
+        if not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m <= 0:
+            raise ValueError(f"sample_size must be a positive integer, got {m!r}")
+        if m > len(pool):
+            raise ValueError(
+                f"sample_size={m} is larger than the pool ({len(pool)} points); "
+                f"use sample_size ≤ {len(pool)} or sample_size=None for the whole pool"
+            )
+        rng = np.random.default_rng(seed)
+        local, weights = self._select(pool, int(m), rng)
+        local = np.asarray(local, dtype=np.int64)
+        weights = np.asarray(weights, dtype=np.float64)
+        weights = weights / weights.sum()
+        return Subset(pool.indices[torch.from_numpy(local)], torch.from_numpy(weights))
+
+    @abstractmethod
+    def _select(self, pool: Pool, m: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Return local positions into the pool (m,) and unnormalised weights (m,)."""
+
+
+def build(name: str, options: dict[str, Any] | None = None) -> Sampler:
+    return REGISTRY.get(name)(**(options or {}))
+
+
+def proportional_allocation(sizes: np.ndarray, m: int) -> np.ndarray:
+    """Split m draws across groups ∝ ``sizes`` (largest remainder), never above a group's size.
+
+    Groups may get 0 when m is smaller than the number of groups.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    total = int(sizes.sum())
+    quota = m * sizes / total
+    alloc = np.minimum(np.floor(quota).astype(np.int64), sizes)
+    remainder = quota - alloc
+    while alloc.sum() < m:
+        room = alloc < sizes
+        order = np.lexsort((np.arange(len(sizes)), -np.where(room, remainder, -np.inf)))
+        pick = order[0]
+        alloc[pick] += 1
+        remainder[pick] = -np.inf if alloc[pick] >= sizes[pick] else remainder[pick] - 1
+    return alloc
+
+
+def stratified_draw(
+    strata: np.ndarray, m: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform draws within each stratum, allocated ∝ stratum size; weight_i = (N_s/N)/m_s."""
+    labels, inverse = np.unique(strata, return_inverse=True)
+    sizes = np.bincount(inverse, minlength=len(labels))
+    alloc = proportional_allocation(sizes, m)
+    picked, weights = [], []
+    n = len(strata)
+    for s, k in enumerate(alloc):
+        if k == 0:
+            continue
+        members = np.flatnonzero(inverse == s)
+        chosen = rng.choice(members, size=int(k), replace=False)
+        picked.append(chosen)
+        weights.append(np.full(int(k), sizes[s] / n / k))
+    return np.concatenate(picked), np.concatenate(weights)

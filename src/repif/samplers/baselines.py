@@ -1,0 +1,29 @@
+"""The baselines every comparison is made against."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from repif.samplers.base import Pool, Sampler, stratified_draw
+
+
+class RandomSampler(Sampler):
+    """Uniform without replacement, equal weights: the usual (and the paper's) baseline."""
+
+    name = "random"
+
+    def _select(self, pool: Pool, m: int, rng: np.random.Generator):
+        return rng.choice(len(pool), size=m, replace=False), np.ones(m)
+
+
+class StratifiedSampler(Sampler):
+    """Uniform within each class, proportional allocation; weight (N_c/N)/m_c keeps C unbiased.
+
+    When m is smaller than the number of classes, the largest-remainder allocation leaves some
+    classes out (weights are renormalised over the classes drawn).
+    """
+
+    name = "stratified"
+
+    def _select(self, pool: Pool, m: int, rng: np.random.Generator):
+        return stratified_draw(pool.labels.cpu().numpy(), m, rng)

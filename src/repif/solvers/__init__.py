@@ -1,0 +1,12 @@
+"""Inverse-curvature-vector solvers, registered by name."""
+
+from repif.solvers import arnoldi, cg, direct, identity, lissa  # noqa: F401  (registration)
+from repif.solvers.base import REGISTRY, Solver, build
+
+
+def names() -> list[str]:
+    """Registered solver names."""
+    return REGISTRY.names()
+
+
+__all__ = ["Solver", "build", "names"]

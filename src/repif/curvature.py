@@ -34,7 +34,8 @@ class CurvatureOperator:
         chunk_size: int = 512,
     ) -> None:
         if kind not in CURVATURES:
-            raise ValueError(f"unknown curvature {kind!r}; known curvatures: {', '.join(CURVATURES)}")
+            known = ", ".join(CURVATURES)
+            raise ValueError(f"unknown curvature {kind!r}; known curvatures: {known}")
         if x.shape[0] == 0:
             raise ValueError("the curvature subset is empty; use a non-empty pool")
         self.fm = fm

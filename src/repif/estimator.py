@@ -147,7 +147,8 @@ class InfluenceEstimator:
         if len(p) == 0:
             raise ValueError("the pool is empty; pass at least one training index")
         if self.sample_size is None:
-            subset = Subset(p.indices.clone(), torch.full((len(p),), 1.0 / len(p), dtype=torch.float64))
+            uniform = torch.full((len(p),), 1.0 / len(p), dtype=torch.float64)
+            subset = Subset(p.indices.clone(), uniform)
         else:
             subset = self.sampler.select(p, self.sample_size, self.seed)
         t1 = time.perf_counter()

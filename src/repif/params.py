@@ -36,7 +36,7 @@ class ParameterSpace:
     def flatten(self, named: dict[str, Tensor]) -> Tensor:
         """Concatenate ``named[name]`` (any leading batch dims kept) into (..., size)."""
         parts = []
-        for name, shape in zip(self.names, self.shapes):
+        for name, shape in zip(self.names, self.shapes, strict=True):
             t = named[name]
             lead = t.shape[: t.ndim - len(shape)]
             parts.append(t.reshape(*lead, -1))
@@ -45,7 +45,7 @@ class ParameterSpace:
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Split a (size,) vector into named tensors of the parameters' shapes (views)."""
         chunks = torch.split(flat, self.numels, dim=-1)
-        return {n: c.reshape(s) for n, c, s in zip(self.names, chunks, self.shapes)}
+        return {n: c.reshape(s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
 
     def get(self, model: nn.Module) -> Tensor:
         """The module's current trainable parameters as one detached flat vector."""

@@ -103,7 +103,9 @@ class Sampler(ABC):
         return Subset(pool.indices[torch.from_numpy(local)], torch.from_numpy(weights))
 
     @abstractmethod
-    def _select(self, pool: Pool, m: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _select(
+        self, pool: Pool, m: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Return local positions into the pool (m,) and unnormalised weights (m,)."""
 
 

@@ -58,7 +58,7 @@ class LissaSolver(Solver):
         else:
             self.scale = float(self.scale_option)
         if self.scale <= 0:
-            raise ValueError("LiSSA scale came out 0 (zero curvature and zero damping); set damping")
+            raise ValueError("LiSSA scale came out 0 (no curvature, no damping); set damping > 0")
 
     def _batch_operator(self, gen: torch.Generator):
         op = self.operator

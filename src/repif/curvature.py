@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from repif.task import FunctionalModel
 
@@ -94,8 +94,36 @@ class CurvatureOperator:
         except RuntimeError:  # an op without a batching rule: fall back to a loop
             return torch.stack([self.matvec(v) for v in vs])
 
+    def ggn_factor(self) -> Tensor:
+        """(n·C, p) matrix A with AᵀA = Σ_i w_i J_iᵀ Λ_i J_i (the GGN without weight decay).
+
+        Rows i·C … i·C + C − 1 are √w_i B_i J_i, with B_i the task's factor of Λ_i.
+        """
+        if self.kind != "ggn":
+            raise ValueError("ggn_factor needs curvature='ggn' (the Hessian has no such factor)")
+        fm = self.fm
+
+        def single(theta: Tensor, xi: Tensor) -> Tensor:
+            return fm.output(theta, xi.unsqueeze(0)).squeeze(0)
+
+        jac = vmap(jacrev(single), in_dims=(None, 0))
+        rows = []
+        for s in range(0, self.n, self.chunk_size):
+            x, y = self.x[s : s + self.chunk_size], self.y[s : s + self.chunk_size]
+            w = self.weights[s : s + self.chunk_size]
+            j = jac(fm.theta, x)  # (b, C, p)
+            with torch.no_grad():
+                b = fm.task.output_hessian_factor(fm.output(fm.theta, x), y)  # (b, C, C)
+            rows.append((w.sqrt()[:, None, None] * (b @ j)).reshape(-1, self.size))
+        return torch.cat(rows)
+
     def dense(self) -> Tensor:
         """The (p, p) matrix C, symmetrised to remove round-off asymmetry."""
+        if self.kind == "ggn":
+            a = self.ggn_factor()
+            m = a.T @ a
+            m.diagonal().add_(self.weight_decay)
+            return 0.5 * (m + m.T)
         p = self.size
         eye = torch.eye(p, dtype=self.fm.dtype, device=self.fm.device)
         cols = [self.matmat(eye[s : s + DENSE_BLOCK]) for s in range(0, p, DENSE_BLOCK)]

@@ -36,6 +36,26 @@ class ClassificationTask:
         p = torch.softmax(output, dim=-1)
         return p * u - p * (p * u).sum(-1, keepdim=True)
 
+    def output_hessian_factor(self, output: Tensor, y: Tensor) -> Tensor:
+        """(n, C, C) factors B_i with B_iᵀ B_i = Λ_i, so the GGN is Σ w_i (B_i J_i)ᵀ(B_i J_i).
+
+        Cross-entropy: row c of B is √p_c (e_c − p). Other losses: a symmetric square root of
+        Λ_i built from :meth:`output_hessian_vector` (negative eigenvalues clipped to 0).
+        """
+        if type(self).output_hessian_vector is ClassificationTask.output_hessian_vector and (
+            type(self).loss_from_output is ClassificationTask.loss_from_output
+        ):
+            p = torch.softmax(output, dim=-1)
+            eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+            return p.sqrt().unsqueeze(-1) * (eye - p.unsqueeze(-2))
+        n, c = output.shape
+        eye = torch.eye(c, dtype=output.dtype, device=output.device).expand(n, c, c)
+        lam = torch.stack(
+            [self.output_hessian_vector(output, y, eye[:, :, j]) for j in range(c)], dim=-1
+        )
+        vals, vecs = torch.linalg.eigh(0.5 * (lam + lam.transpose(-1, -2)))
+        return (vecs * vals.clamp_min(0).sqrt().unsqueeze(-2)) @ vecs.transpose(-1, -2)
+
     def _generic_output_hvp(self, output: Tensor, y: Tensor, u: Tensor) -> Tensor:
         def single(o: Tensor, yi: Tensor, ui: Tensor) -> Tensor:
             g = grad(lambda oo: self.loss_from_output(oo[None], yi[None]).sum())

@@ -1,6 +1,6 @@
 """Curvature-subset samplers, registered by name."""
 
-from repif.samplers import baselines  # noqa: F401  (registration)
+from repif.samplers import baselines, features, logits  # noqa: F401  (registration)
 from repif.samplers.base import REGISTRY, Pool, Sampler, Subset, build
 
 

@@ -84,6 +84,11 @@ class Sampler(ABC):
         if cls.name:
             REGISTRY.add(cls.name, cls)
 
+    @property
+    def normalizes(self) -> bool:
+        """Whether ``select`` divides the weights by their sum (the contract: Σw = 1)."""
+        return True
+
     def select(self, pool: Pool, m: int, seed: int = 0) -> Subset:
         """Draw the subset; raises ValueError for an empty pool or m outside [1, len(pool)]."""
         if len(pool) == 0:
@@ -99,7 +104,8 @@ class Sampler(ABC):
         local, weights = self._select(pool, int(m), rng)
         local = np.asarray(local, dtype=np.int64)
         weights = np.asarray(weights, dtype=np.float64)
-        weights = weights / weights.sum()
+        if self.normalizes:
+            weights = weights / weights.sum()
         return Subset(pool.indices[torch.from_numpy(local)], torch.from_numpy(weights))
 
     @abstractmethod

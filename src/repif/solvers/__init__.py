@@ -1,6 +1,6 @@
 """Inverse-curvature-vector solvers, registered by name."""
 
-from repif.solvers import arnoldi, cg, direct, identity, lissa  # noqa: F401  (registration)
+from repif.solvers import arnoldi, cg, direct, identity, lissa, woodbury  # noqa: F401  (registration)
 from repif.solvers.base import REGISTRY, Solver, build
 
 

@@ -1,0 +1,121 @@
+"""Samplers driven by the pool's logits, which set the GGN weight Λ_i = diag(p_i) − p_i p_iᵀ."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from repif.samplers.base import Pool, Sampler, stratified_draw
+
+LOGIT_STATISTICS = ("confidence", "margin", "entropy")
+PROXIES = ("gini", "gini-feature")
+
+
+def logit_statistic(pool: Pool, statistic: str) -> np.ndarray:
+    """(k,) true-class probability, top-1 minus top-2 probability margin, or entropy."""
+    p = pool.probabilities
+    if statistic == "confidence":
+        return p[torch.arange(len(pool)), pool.labels].numpy()
+    if statistic == "margin":
+        top2 = torch.topk(p, min(2, p.shape[1]), dim=1).values
+        return (top2[:, 0] - top2[:, -1]).numpy()
+    if statistic == "entropy":
+        return -(p * torch.log(p.clamp_min(1e-300))).sum(1).numpy()
+    raise ValueError(f"unknown statistic {statistic!r}; known: {', '.join(LOGIT_STATISTICS)}")
+
+
+def curvature_proxy(pool: Pool, proxy: str) -> np.ndarray:
+    """(k,) per-sample curvature proxy: 1 − Σp² (= tr Λ), optionally × (‖feature‖² + 1).
+
+    tr Λ_i is the GGN's output-space curvature; (‖f‖² + 1) is the last layer's Jacobian scale.
+    """
+    p = pool.probabilities
+    gini = (1.0 - (p * p).sum(1)).clamp_min(0.0)
+    if proxy == "gini":
+        return gini.numpy()
+    if proxy == "gini-feature":
+        return (gini * (pool.features.double().pow(2).sum(1) + 1.0)).numpy()
+    raise ValueError(f"unknown proxy {proxy!r}; known: {', '.join(PROXIES)}")
+
+
+class LogitStratifiedSampler(Sampler):
+    """Within each class, quantile strata of a logit statistic; proportional allocation.
+
+    The subset keeps the pool's spread of confidence in every class. Weight (N_s/N)/m_s keeps
+    C unbiased. Strata that get no draw when m < number of strata are left out (weights
+    renormalised over the strata drawn).
+    """
+
+    name = "logit-stratified"
+
+    def __init__(self, statistic: str = "confidence", n_bins: int = 4) -> None:
+        if statistic not in LOGIT_STATISTICS:
+            known = ", ".join(LOGIT_STATISTICS)
+            raise ValueError(f"unknown statistic {statistic!r}; known: {known}")
+        if n_bins <= 0:
+            raise ValueError(f"n_bins must be positive, got {n_bins}")
+        self.statistic, self.n_bins = statistic, n_bins
+
+    def _select(self, pool: Pool, m: int, rng: np.random.Generator):
+        stat = logit_statistic(pool, self.statistic)
+        labels = pool.labels.numpy()
+        strata = np.empty(len(pool), dtype=np.int64)
+        for c in np.unique(labels):
+            members = np.flatnonzero(labels == c)
+            ranks = np.argsort(np.argsort(stat[members], kind="stable"), kind="stable")
+            strata[members] = c * self.n_bins + ranks * self.n_bins // len(members)
+        return stratified_draw(strata, m, rng)
+
+
+def inclusion_probabilities(proxy: np.ndarray, m: int) -> np.ndarray:
+    """π_i ∝ proxy with Σπ = m and every π_i ≤ 1 (points that would exceed 1 are capped at 1).
+
+    A zero proxy gets a floor so that every point can be drawn (keeps the estimate unbiased).
+    """
+    q = np.asarray(proxy, dtype=np.float64)
+    q = np.maximum(q, 1e-12 * max(q.max(), 1e-300))
+    pi = np.zeros_like(q)
+    capped = np.zeros(len(q), dtype=bool)
+    for _ in range(len(q)):
+        free = ~capped
+        pi[free] = (m - capped.sum()) * q[free] / q[free].sum()
+        pi[capped] = 1.0
+        over = free & (pi > 1.0)
+        if not over.any():
+            break
+        capped |= over
+    return np.clip(pi, 0.0, 1.0)
+
+
+class LogitImportanceSampler(Sampler):
+    """Probability-proportional-to-curvature sampling with Horvitz–Thompson weights.
+
+    Inclusion probabilities π_i ∝ proxy (``"gini"``: 1 − Σp², or ``"gini-feature"``), capped at
+    1; systematic sampling over a seeded random order draws exactly m distinct points with those
+    probabilities. Weight 1/(N π_i) makes Σ_T w_i G_i an unbiased estimate of the pool mean; the
+    weights are then divided by their sum (``self_normalize=True``, the contract's Σw = 1: a ratio
+    estimator with O(1/m) bias and lower variance). With ``self_normalize=False`` the raw,
+    exactly unbiased weights are returned (their sum is 1 only in expectation).
+    """
+
+    name = "logit-importance"
+
+    def __init__(self, proxy: str = "gini", self_normalize: bool = True) -> None:
+        if proxy not in PROXIES:
+            raise ValueError(f"unknown proxy {proxy!r}; known: {', '.join(PROXIES)}")
+        self.proxy, self.self_normalize = proxy, self_normalize
+
+    def _select(self, pool: Pool, m: int, rng: np.random.Generator):
+        n = len(pool)
+        pi = inclusion_probabilities(curvature_proxy(pool, self.proxy), m)
+        order = rng.permutation(n)
+        cum = np.concatenate([[0.0], np.cumsum(pi[order])])
+        cum *= m / cum[-1]  # remove round-off so exactly m points are hit
+        ticks = rng.uniform(0.0, 1.0) + np.arange(m)
+        pos = np.searchsorted(cum, ticks, side="right") - 1
+        local = order[np.clip(pos, 0, n - 1)]
+        return local, 1.0 / (n * pi[local])
+
+    @property
+    def normalizes(self) -> bool:
+        return self.self_normalize

@@ -3,6 +3,10 @@
 C = Σ_i w_i ∇²l(z_i) (``"hessian"``) or Σ_i w_i J_iᵀ Λ_i J_i (``"ggn"``, always PSD), plus
 ``weight_decay``·I when the model was trained with the L2 term (wd/2)‖θ‖². Damping is *not*
 included here: solvers add λI themselves. The p × p matrix is formed only by :meth:`dense`.
+
+``shrinkage`` ρ ∈ [0, 1] (GGN only) replaces C_T by (1 − ρ) C_T + ρ diag(C_T): a subset of m
+points gives a GGN of rank ≤ m·(C − 1), and in the directions it misses the solve would see only
+λ, so its inverse comes out far too long; the diagonal is full rank and fills them in.
 """
 
 from __future__ import annotations
@@ -19,6 +23,21 @@ CURVATURES = ("ggn", "hessian")
 DENSE_BLOCK = 256
 
 
+#: ``shrinkage="auto"``: ρ = SHRINK_SIZE / (SHRINK_SIZE + m). The subset's information grows
+#: with m while the diagonal target's bias does not shrink, so ρ decays like 1/m; at m =
+#: SHRINK_SIZE the two are weighted equally (value chosen on the digits benchmark, see README).
+SHRINK_SIZE = 64
+
+
+def resolve_shrinkage(shrinkage: float | str, m: int) -> float:
+    """The shrinkage ρ for a subset of m points: a number is used as is; "auto" decays in m."""
+    if shrinkage == "auto":
+        return SHRINK_SIZE / (SHRINK_SIZE + m)
+    if isinstance(shrinkage, str) or not 0.0 <= float(shrinkage) <= 1.0:
+        raise ValueError(f"shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}")
+    return float(shrinkage)
+
+
 class CurvatureOperator:
     """The linear map v ↦ C v for a fixed model, subset (x, y) and weights w (Σ w = 1)."""
 
@@ -31,6 +50,7 @@ class CurvatureOperator:
         *,
         kind: str = "ggn",
         weight_decay: float = 0.0,
+        shrinkage: float = 0.0,
         chunk_size: int = 512,
     ) -> None:
         if kind not in CURVATURES:
@@ -44,7 +64,14 @@ class CurvatureOperator:
         self.weights = weights.to(device=fm.device, dtype=fm.dtype)
         self.kind = kind
         self.weight_decay = float(weight_decay)
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+        if shrinkage and kind != "ggn":
+            raise ValueError("shrinkage needs curvature='ggn' (it uses the GGN's diagonal)")
+        self.shrinkage = float(shrinkage)
         self.chunk_size = chunk_size
+        self._factor: Tensor | None = None
+        self._diag: Tensor | None = None
         self.num_products = 0  # how many products this operator has computed (for benchmarks)
 
     @property
@@ -58,8 +85,8 @@ class CurvatureOperator:
     def restrict(self, local: Tensor, weights: Tensor) -> CurvatureOperator:
         """The same curvature on rows ``local`` of this subset with new weights (e.g. a batch)."""
         return CurvatureOperator(
-            self.fm, self.x[local], self.y[local], weights,
-            kind=self.kind, weight_decay=self.weight_decay, chunk_size=self.chunk_size,
+            self.fm, self.x[local], self.y[local], weights, kind=self.kind,
+            weight_decay=self.weight_decay, shrinkage=self.shrinkage, chunk_size=self.chunk_size,
         )
 
     def _chunk_product(self, x: Tensor, y: Tensor, w: Tensor, v: Tensor) -> Tensor:
@@ -81,11 +108,13 @@ class CurvatureOperator:
     def matvec(self, v: Tensor) -> Tensor:
         """C v for a (p,) vector."""
         self.num_products += 1
-        out = self.weight_decay * v if self.weight_decay else torch.zeros_like(v)
+        out = torch.zeros_like(v)
         for s in range(0, self.n, self.chunk_size):
             e = s + self.chunk_size
             out = out + self._chunk_product(self.x[s:e], self.y[s:e], self.weights[s:e], v)
-        return out
+        if self.shrinkage:
+            out = (1.0 - self.shrinkage) * out + self.shrinkage * self.diagonal() * v
+        return out + self.weight_decay * v if self.weight_decay else out
 
     def matmat(self, vs: Tensor) -> Tensor:
         """C V for (k, p) rows, vmapped over the rows."""
@@ -94,11 +123,20 @@ class CurvatureOperator:
         except RuntimeError:  # an op without a batching rule: fall back to a loop
             return torch.stack([self.matvec(v) for v in vs])
 
+    def diagonal(self) -> Tensor:
+        """(p,) diagonal of the subset GGN Σ w_i J_iᵀΛ_iJ_i (no weight decay, no shrinkage)."""
+        if self._diag is None:
+            self._diag = self.ggn_factor().pow(2).sum(0)
+        return self._diag
+
     def ggn_factor(self) -> Tensor:
         """(n·C, p) matrix A with AᵀA = Σ_i w_i J_iᵀ Λ_i J_i (the GGN without weight decay).
 
-        Rows i·C … i·C + C − 1 are √w_i B_i J_i, with B_i the task's factor of Λ_i.
+        Rows i·C … i·C + C − 1 are √w_i B_i J_i, with B_i the task's factor of Λ_i. Computed
+        once and kept.
         """
+        if self._factor is not None:
+            return self._factor
         if self.kind != "ggn":
             raise ValueError("ggn_factor needs curvature='ggn' (the Hessian has no such factor)")
         fm = self.fm
@@ -115,14 +153,15 @@ class CurvatureOperator:
             with torch.no_grad():
                 b = fm.task.output_hessian_factor(fm.output(fm.theta, x), y)  # (b, C, C)
             rows.append((w.sqrt()[:, None, None] * (b @ j)).reshape(-1, self.size))
-        return torch.cat(rows)
+        self._factor = torch.cat(rows)
+        return self._factor
 
     def dense(self) -> Tensor:
         """The (p, p) matrix C, symmetrised to remove round-off asymmetry."""
         if self.kind == "ggn":
             a = self.ggn_factor()
-            m = a.T @ a
-            m.diagonal().add_(self.weight_decay)
+            m = (1.0 - self.shrinkage) * (a.T @ a)
+            m.diagonal().add_(self.weight_decay + self.shrinkage * self.diagonal())
             return 0.5 * (m + m.T)
         p = self.size
         eye = torch.eye(p, dtype=self.fm.dtype, device=self.fm.device)

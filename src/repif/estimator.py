@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from repif import samplers as _samplers
 from repif import solvers as _solvers
-from repif.curvature import CURVATURES, CurvatureOperator
+from repif.curvature import CURVATURES, CurvatureOperator, resolve_shrinkage
 from repif.data import as_tensors
 from repif.gradients import DEFAULT_CHUNK, per_sample_gradients
 from repif.samplers import Pool, Subset
@@ -68,6 +68,7 @@ class InfluenceEstimator:
         sample_size: int | None = None,
         seed: int = 0,
         weight_decay: float = 0.0,
+        shrinkage: float | str = 0.0,
         task: ClassificationTask | None = None,
         device: str | torch.device | None = None,
         chunk_size: int = DEFAULT_CHUNK,
@@ -89,6 +90,7 @@ class InfluenceEstimator:
         self.curvature, self.damping, self.solver_name = curvature, float(damping), solver
         self.sampler_name, self.sample_size, self.seed = sampler, sample_size, seed
         self.weight_decay, self.chunk_size = float(weight_decay), chunk_size
+        self.shrinkage = shrinkage
         self.solver_options = solver_options
         self.task = task or ClassificationTask()
 
@@ -159,9 +161,11 @@ class InfluenceEstimator:
 
     def _prepare_solver(self, fm: FunctionalModel, subset: Subset) -> _solvers.Solver:
         idx = subset.indices.to(self.x.device)
+        sampled = self.sample_size is not None
         op = CurvatureOperator(
             fm, self.x[idx], self.y[idx], subset.weights,
             kind=self.curvature, weight_decay=self.weight_decay,
+            shrinkage=resolve_shrinkage(self.shrinkage, len(subset)) if sampled else 0.0,
         )
         return _solvers.build(self.solver_name, dict(self.solver_options)).fit(op, self.damping)
 

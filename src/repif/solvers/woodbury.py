@@ -39,13 +39,20 @@ class WoodburySolver(Solver):
                 f"{out_dim} outputs, limit max_rows={self.max_rows}); use a smaller sample_size "
                 "or solver='cg'"
             )
-        self.factor = op.ggn_factor()
-        inner = self.factor @ self.factor.T
-        inner.diagonal().add_(mu)
+        # C + λI = D + A'ᵀA' with D = μ + ρ·diag(C_T) (a vector) and A' = √(1−ρ)·A, so
+        # (D + A'ᵀA')⁻¹ g = D⁻¹g − D⁻¹A'ᵀ (I + A'D⁻¹A'ᵀ)⁻¹ A'D⁻¹g.
+        self.factor = op.ggn_factor() * (1.0 - op.shrinkage) ** 0.5
+        self.dinv = 1.0 / (mu + op.shrinkage * op.diagonal()) if op.shrinkage else None
+        scaled = self.factor * self.dinv if self.dinv is not None else self.factor / mu
+        inner = scaled @ self.factor.T
+        inner.diagonal().add_(1.0)
         self._chol = torch.linalg.cholesky(inner)
         self.mu = mu
 
+    def _dinv(self, v: Tensor) -> Tensor:
+        return v * self.dinv if self.dinv is not None else v / self.mu
+
     def solve(self, g: Tensor) -> Tensor:
-        ag = self.factor @ g.T  # (mC, k)
-        inner = torch.cholesky_solve(ag, self._chol)
-        return (g - (self.factor.T @ inner).T) / self.mu
+        dg = self._dinv(g)  # (k, p)
+        inner = torch.cholesky_solve(self.factor @ dg.T, self._chol)  # (mC, k)
+        return dg - self._dinv((self.factor.T @ inner).T)

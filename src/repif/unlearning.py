@@ -35,6 +35,18 @@ def remaining_indices(n: int, removed: Tensor) -> Tensor:
     return torch.nonzero(keep).flatten()
 
 
+def removal_gradient(est: InfluenceEstimator, removed: Tensor) -> Tensor:
+    """(p,) g = (1/|R|) Σ_{z∈S} ∇l(z; θ̂) + wd·θ̂·|S|/|R| (= −∇L_R(θ̂) at a minimum θ̂)."""
+    removed = torch.unique(check_indices(removed, est.n_train, "removed indices"))
+    n_s = removed.numel()
+    n_r = est.n_train - n_s
+    if n_r == 0:
+        raise ValueError("cannot remove every training point: nothing would remain to fit")
+    dev = est.x.device
+    g = mean_gradient(est.fm, est.x[removed.to(dev)], est.y[removed.to(dev)])
+    return (g + est.weight_decay * est.fm.theta) * (n_s / n_r)
+
+
 def newton_removal(
     est: InfluenceEstimator, indices: Tensor, *, scale: float = 1.0, steps: int = 1
 ) -> nn.Module:
@@ -57,13 +69,8 @@ def newton_removal(
             f"the curvature subset holds {int(overlap)} of the points being removed; call "
             "fit(pool=remaining) first, e.g. with repif.unlearning.remaining_indices(n, removed)"
         )
-    fm, wd = est.fm, est.weight_decay
-    n_s, n_r = removed.numel(), rest.numel()
-    dev = est.x.device
-    xs, ys = est.x[removed.to(dev)], est.y[removed.to(dev)]
-    theta = fm.theta
-    g = mean_gradient(fm, xs, ys) * (n_s / n_r) + wd * theta * (n_s / n_r)
-    theta = theta + scale * est.solver.solve(g[None])[0]
+    fm, wd, dev = est.fm, est.weight_decay, est.x.device
+    theta = fm.theta + scale * est.solver.solve(removal_gradient(est, removed)[None])[0]
     xr, yr = est.x[rest.to(dev)], est.y[rest.to(dev)]
     for _ in range(steps - 1):
         model_k = copy.deepcopy(est.model)

@@ -1,0 +1,7 @@
+"""``python -m repif`` is the ``repif`` command."""
+
+import sys
+
+from repif.cli import main
+
+sys.exit(main())

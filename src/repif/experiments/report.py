@@ -1,0 +1,109 @@
+"""Plots (PNG) and a readable ``report.html`` for a finished study."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from repif import io  # noqa: E402
+from repif.experiments.summary import conclusions  # noqa: E402
+
+PLOTS = (
+    ("f1", "F1 (forget vs consistency)", "f1_vs_size.png", "f1"),
+    ("ihvp_rel_error", "inverse-HVP relative error vs full pool", "ihvp_error_vs_size.png", None),
+    ("time_s", "time of sampling + solve + update (s)", "time_vs_size.png", "time_s"),
+    ("peak_mem_bytes", "peak memory growth (MB)", "memory_vs_size.png", "peak_mem_bytes"),
+)
+
+
+def plot(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]], out: Path) -> list[str]:
+    """One PNG per metric against sample size, a line per sampler with ± std error bars and the
+    references as horizontal lines; returns the file names."""
+    names = []
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    for key, label, fname, ref_key in PLOTS:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        scale = 2**-20 if key == "peak_mem_bytes" else 1.0
+        for s in samplers:
+            rs = [r for r in rows if r["sampler"] == s]
+            ax.errorbar([r["sample_size"] for r in rs], [r[key] * scale for r in rs],
+                        yerr=[r[key + "_std"] * scale for r in rs], marker="o", capsize=3,
+                        label=s, linestyle="--" if s == "random" else "-")
+        if ref_key:
+            for kind, style in (("full", ":"), ("retrain", "-.")):
+                if kind in refs:
+                    ax.axhline(refs[kind][ref_key] * scale, color="black", linestyle=style,
+                               label=f"{kind} reference")
+        ax.set_xscale("log", base=2)
+        if key == "ihvp_rel_error":
+            ax.set_yscale("log")
+        ax.set_xlabel("curvature sample size m")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        names.append(fname)
+    return names
+
+
+def _table_html(rows: list[dict[str, Any]]) -> str:
+    head = ("<tr><th>sampler</th><th>m</th><th>F1</th><th>forget</th><th>consistency</th>"
+            "<th>acc. others</th><th>ihvp rel. error</th><th>seed spread</th><th>time (s)</th>"
+            "<th>peak mem (MB)</th></tr>")
+    body = []
+    for r in rows:
+        body.append(
+            f"<tr><td>{html.escape(r['sampler'])}</td><td>{r['sample_size']}</td>"
+            f"<td>{r['f1']:.3f} ± {r['f1_std']:.3f}</td><td>{r['forget']:.3f}</td>"
+            f"<td>{r['consistency']:.3f}</td><td>{r['accuracy_remaining']:.3f}</td>"
+            f"<td>{r['ihvp_rel_error']:.3f} ± {r['ihvp_rel_error_std']:.3f}</td>"
+            f"<td>{r.get('seed_spread', float('nan')):.4f}</td>"
+            f"<td>{r['time_s']:.3f}</td><td>{r['peak_mem_bytes'] / 2**20:.1f}</td></tr>"
+        )
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def write_report(results: dict[str, Any], rows: list[dict[str, Any]],
+                 refs: dict[str, dict[str, float]], head: dict[str, Any], out: Path) -> Path:
+    """Write the PNG plots and ``report.html`` into ``out``; returns the HTML path."""
+    pngs = plot(rows, refs, out)
+    cfg = results["config"]
+    ref_rows = "".join(
+        f"<tr><td>{k}</td><td>{v['f1']:.3f}</td><td>{v['forget']:.3f}</td>"
+        f"<td>{v['consistency']:.3f}</td><td>{v['accuracy_remaining']:.3f}</td>"
+        f"<td>{v['time_s']:.3f}</td></tr>" for k, v in refs.items())
+    method = next((c.get("memory_method") for c in results["cells"]), "")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>repif class removal</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;line-height:1.4}}
+table{{border-collapse:collapse;font-size:0.85em}}td,th{{border:1px solid #ccc;padding:3px 6px;
+text-align:right}}img{{max-width:49%}}</style></head><body>
+<h1>Class removal with influence updates</h1>
+<p>Dataset <b>{html.escape(str(cfg['dataset']))}</b>, model <b>{html.escape(str(cfg['model']))}</b>
+({results.get('num_params', '?')} parameters); removed class(es) {cfg['remove']};
+curvature {cfg['curvature']}, damping {cfg['damping']}, solver {cfg['solver']},
+scale {cfg['scale']} (picked on a validation split when "auto"), steps {cfg['steps']};
+{cfg['seeds']} seeds per cell. Each cell draws a curvature subset of size m from the remaining
+training points, takes the influence update and scores the new model on the test set.</p>
+<h2>Conclusions</h2><ul>{''.join(f'<li>{html.escape(s)}</li>' for s in conclusions(head))}</ul>
+<h2>Results (mean ± std over removed classes and seeds)</h2>{_table_html(rows)}
+<h3>References (no sampling)</h3><table><tr><th>kind</th><th>F1</th><th>forget</th>
+<th>consistency</th><th>acc. others</th><th>time (s)</th></tr>{ref_rows}</table>
+<p>F1 = 2·forget·consistency/(forget+consistency); forget = 1 − fraction of the removed class's
+test points still predicted as it; consistency = fraction of the other test points whose
+prediction is unchanged. ihvp error = ‖v_T − v_R‖/‖v_R‖ against the full-pool solve; seed spread
+= 1 − mean pairwise cosine of v_T across seeds (read it beside the error: a sampler can be
+consistently wrong). Time and memory cover sampling (including the feature/logit pass), the
+solver's preparation, and the update. Memory: {html.escape(str(method))}.</p>
+<h2>Plots</h2>{''.join(f'<img src="{p}" alt="{p}">' for p in pngs)}
+</body></html>"""
+    path = out / "report.html"
+    io.write_bytes_atomic(path, page.encode)
+    return path

@@ -4,9 +4,10 @@ The Hessian (or GGN) is estimated on a small, representative subset of the train
 by a sampler; see :class:`InfluenceEstimator` for the conventions.
 """
 
-from repif import samplers, solvers
+from repif import datasets, models, samplers, solvers
 from repif.estimator import InfluenceEstimator, TopK
 from repif.task import ClassificationTask
+from repif.training import load_or_train, train
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,10 @@ __all__ = [
     "InfluenceEstimator",
     "TopK",
     "__version__",
+    "datasets",
+    "load_or_train",
+    "models",
     "samplers",
     "solvers",
+    "train",
 ]

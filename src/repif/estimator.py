@@ -144,6 +144,14 @@ class InfluenceEstimator:
 
     def fit(self, pool: Tensor | None = None) -> InfluenceEstimator:
         """Draw the curvature subset from ``pool`` (training indices) and prepare the solver."""
+        self._subset, self._solver, self.timings = self.draw(pool)
+        return self
+
+    def draw(
+        self, pool: Tensor | None = None
+    ) -> tuple[Subset, _solvers.Solver, dict[str, float]]:
+        """A subset of ``pool``, a solver prepared on it and their timings, without storing them
+        (``fit`` stores them)."""
         t0 = time.perf_counter()
         p = self.pool(pool)
         if len(p) == 0:
@@ -154,10 +162,8 @@ class InfluenceEstimator:
         else:
             subset = self.sampler.select(p, self.sample_size, self.seed)
         t1 = time.perf_counter()
-        self._subset = subset
-        self._solver = self._prepare_solver(self.fm, subset)
-        self.timings = {"sample_s": t1 - t0, "solver_fit_s": time.perf_counter() - t1}
-        return self
+        solver = self._prepare_solver(self.fm, subset)
+        return subset, solver, {"sample_s": t1 - t0, "solver_fit_s": time.perf_counter() - t1}
 
     def _prepare_solver(self, fm: FunctionalModel, subset: Subset) -> _solvers.Solver:
         idx = subset.indices.to(self.x.device)
@@ -244,7 +250,9 @@ class InfluenceEstimator:
         """A new model with training points ``indices`` removed by Newton (influence) steps.
 
         See :func:`repif.unlearning.newton_removal` for the update and what ``scale`` (η) and
-        ``steps`` do. If not yet fitted, the curvature is fitted on the remaining points.
+        ``steps`` do. The curvature must come from the remaining points R: if the estimator is not
+        fitted, or its subset holds removed points, a subset of R is drawn for this call (with the
+        same sampler, size and seed) and the estimator's own fit is left as it was.
         """
         from repif.unlearning import newton_removal
 

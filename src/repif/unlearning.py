@@ -61,23 +61,23 @@ def newton_removal(
     rest = remaining_indices(est.n_train, removed)
     if rest.numel() == 0:
         raise ValueError("cannot remove every training point: nothing would remain to fit")
-    if est._solver is None:
-        est.fit(pool=rest)
-    overlap = torch.isin(est.subset.indices, removed).sum()
-    if int(overlap):
+    if est.sample_size is not None and est.sample_size > rest.numel():
         raise ValueError(
-            f"the curvature subset holds {int(overlap)} of the points being removed; call "
-            "fit(pool=remaining) first, e.g. with repif.unlearning.remaining_indices(n, removed)"
+            f"sample_size={est.sample_size} exceeds the {rest.numel()} remaining training points"
         )
+    if est._solver is not None and not bool(torch.isin(est.subset.indices, removed).any()):
+        subset, solver = est.subset, est.solver
+    else:  # the curvature must not see the removed points: draw from R for this call only
+        subset, solver, _ = est.draw(rest)
     fm, wd, dev = est.fm, est.weight_decay, est.x.device
-    theta = fm.theta + scale * est.solver.solve(removal_gradient(est, removed)[None])[0]
+    theta = fm.theta + scale * solver.solve(removal_gradient(est, removed)[None])[0]
     xr, yr = est.x[rest.to(dev)], est.y[rest.to(dev)]
     for _ in range(steps - 1):
         model_k = copy.deepcopy(est.model)
         fm.space.set(model_k, theta)
         fm_k = FunctionalModel(model_k, est.task)
         g = -(mean_gradient(fm_k, xr, yr) + wd * theta)
-        theta = theta + scale * est._prepare_solver(fm_k, est.subset).solve(g[None])[0]
+        theta = theta + scale * est._prepare_solver(fm_k, subset).solve(g[None])[0]
     new_model = copy.deepcopy(est.model)
     fm.space.set(new_model, theta)
     return new_model

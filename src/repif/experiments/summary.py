@@ -70,6 +70,7 @@ def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     ``match``: per smart sampler, the smallest size whose mean F1 reaches random's F1 at
     random's largest size (within MATCH_TOLERANCE), and the time and memory saved there.
+    ``error_match``: the same for the inverse-HVP error against the full-pool solve.
     ``gain``: per smart sampler, the mean F1 gain over random at the sizes where random is
     still below its own plateau (its F1 at its largest size minus MATCH_TOLERANCE).
     """
@@ -83,7 +84,8 @@ def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
     target = base[m_max]
     below = [m for m in sorted(base) if base[m]["f1"] < target["f1"] - MATCH_TOLERANCE]
     out: dict[str, Any] = {"random_max_size": m_max, "random_f1_at_max": target["f1"],
-                           "match": {}, "gain": {}}
+                           "random_error_at_max": target["ihvp_rel_error"],
+                           "match": {}, "gain": {}, "error_match": {}}
     for sampler, sizes in by.items():
         if sampler == BASELINE:
             continue
@@ -93,6 +95,15 @@ def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
             r = sizes[hit]
             out["match"][sampler] = {
                 "size": hit, "f1": r["f1"],
+                "time_saved": 1 - r["time_s"] / target["time_s"],
+                "memory_saved": 1 - r["peak_mem_bytes"] / max(target["peak_mem_bytes"], 1),
+            }
+        hit = next((m for m in sorted(sizes)
+                    if sizes[m]["ihvp_rel_error"] <= target["ihvp_rel_error"]), None)
+        if hit is not None:
+            r = sizes[hit]
+            out["error_match"][sampler] = {
+                "size": hit, "ihvp_rel_error": r["ihvp_rel_error"],
                 "time_saved": 1 - r["time_s"] / target["time_s"],
                 "memory_saved": 1 - r["peak_mem_bytes"] / max(target["peak_mem_bytes"], 1),
             }
@@ -150,4 +161,13 @@ def conclusions(head: dict[str, Any]) -> list[str]:
                 f"{best[0]} changes F1 by {100 * best[1]['mean_f1_gain']:+.1f} points on average.")
     else:
         f1_s = "F1: random is already at its plateau at every size run, so no F1 gain is possible."
-    return [time_s, mem_s, f1_s]
+    if head["error_match"]:
+        best_e = min(head["error_match"].items(), key=lambda kv: kv[1]["size"])
+        err_s = (f"Faithfulness: {best_e[0]} reaches random's inverse-HVP error at m={m_max} "
+                 f"({head['random_error_at_max']:.3f}) with m={best_e[1]['size']} "
+                 f"({100 * best_e[1]['time_saved']:.1f}% less time, "
+                 f"{100 * best_e[1]['memory_saved']:.1f}% less memory).")
+    else:
+        err_s = (f"Faithfulness: no smart sampler reaches random's inverse-HVP error at "
+                 f"m={m_max} with fewer samples.")
+    return [time_s, mem_s, f1_s, err_s]

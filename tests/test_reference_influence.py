@@ -575,11 +575,6 @@ def test_dataset_input_matches_tuple(softmax_problem):
     torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="repif.data.as_tensors casts every scalar target of a Dataset with int(), so float "
-    "regression targets are truncated (0.7 → 0) and a float-target task rejects them",
-)
 def test_regression_dataset_keeps_float_targets():
     from torch.utils.data import TensorDataset
 

@@ -84,12 +84,6 @@ def test_lissa_same_seed_is_bit_identical(digits_mlp, reference):
     assert torch.equal(a, b)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the estimator's seed never reaches the solver: LiSSA's mini-batch draws (and "
-    "Arnoldi's start vector) always use the solver's default seed=0, and `seed` cannot be "
-    "passed as a solver option because InfluenceEstimator takes `seed` itself",
-)
 def test_lissa_minibatches_follow_the_estimator_seed(digits_mlp, reference):
     _, g, _ = reference
     model, train, _ = digits_mlp

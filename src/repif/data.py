@@ -19,8 +19,7 @@ def as_tensors(data: Any) -> tuple[Tensor, Tensor]:
             raise ValueError("the dataset is empty")
         pairs = [data[i] for i in range(len(data))]
         x = torch.stack([torch.as_tensor(p[0]) for p in pairs])
-        y = torch.as_tensor([int(p[1]) if not isinstance(p[1], Tensor) or p[1].ndim == 0
-                             else p[1] for p in pairs])
+        y = torch.stack([torch.as_tensor(p[1]) for p in pairs])
     else:
         raise TypeError(
             f"data must be a tuple (x, y) of tensors or a Dataset of (x, y) pairs, got "

@@ -85,7 +85,7 @@ class InfluenceEstimator:
             raise ValueError(
                 f"sample_size must be a positive integer or None (whole pool), got {sample_size!r}"
             )
-        _solvers.REGISTRY.get(solver)
+        _solvers.build(solver, solver_options)  # unknown names or options fail here, not at fit
         self.sampler = _samplers.build(sampler, sampler_options)
         self.curvature, self.damping, self.solver_name = curvature, float(damping), solver
         self.sampler_name, self.sample_size, self.seed = sampler, sample_size, seed
@@ -173,7 +173,10 @@ class InfluenceEstimator:
             kind=self.curvature, weight_decay=self.weight_decay,
             shrinkage=resolve_shrinkage(self.shrinkage, len(subset)) if sampled else 0.0,
         )
-        return _solvers.build(self.solver_name, dict(self.solver_options)).fit(op, self.damping)
+        options = dict(self.solver_options)
+        if "seed" in _solvers.accepted_options(self.solver_name):
+            options.setdefault("seed", self.seed)  # LiSSA batches, Lanczos start vector
+        return _solvers.build(self.solver_name, options).fit(op, self.damping)
 
     def _ensure_fitted(self) -> _solvers.Solver:
         if self._solver is None:

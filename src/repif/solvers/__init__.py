@@ -1,7 +1,7 @@
 """Inverse-curvature-vector solvers, registered by name."""
 
 from repif.solvers import arnoldi, cg, direct, identity, lissa, woodbury  # noqa: F401  (registration)
-from repif.solvers.base import REGISTRY, Solver, build
+from repif.solvers.base import REGISTRY, Solver, accepted_options, build
 
 
 def names() -> list[str]:
@@ -9,4 +9,4 @@ def names() -> list[str]:
     return REGISTRY.names()
 
 
-__all__ = ["Solver", "build", "names"]
+__all__ = ["Solver", "accepted_options", "build", "names"]

@@ -44,12 +44,17 @@ class Solver(ABC):
         """(k, p) right-hand sides → (k, p) solutions."""
 
 
+def accepted_options(name: str) -> list[str]:
+    """The keyword options a registered solver takes."""
+    cls = REGISTRY.get(name)
+    params = inspect.signature(cls.__init__).parameters
+    return [p for p in params if p not in ("self", "args", "kwargs")]
+
+
 def build(name: str, options: dict[str, Any]) -> Solver:
     """Instantiate a registered solver, rejecting options it does not take by name."""
     cls = REGISTRY.get(name)
-    accepted = [
-        p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")
-    ]
+    accepted = accepted_options(name)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(

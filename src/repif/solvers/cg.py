@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -54,6 +56,13 @@ class CGSolver(Solver):
             d = r + (rr_new / rr) * d
             rr = rr_new
         self.iterations.append(self.max_iter)
+        warnings.warn(
+            f"CG stopped at max_iter={self.max_iter} with relative residual "
+            f"{float(torch.sqrt(rr_new)) / float(g_norm):.2e} > tol={self.tol}; raise max_iter "
+            "or the damping",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return x
 
     def solve(self, g: Tensor) -> Tensor:

@@ -155,10 +155,6 @@ def test_missing_dataset_names_how_to_get_it(tmp_path, capsys):
     assert "--data-dir" in line and "IDX" in line  # says what to put where
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Study.run calls load_previous() (which moves results.json aside when the configuration "
-    "hash differs) before _prepare() loads the dataset, so a run that cannot even start "
-    "leaves the earlier results.json renamed to results.<hash>.json"))
 def test_missing_dataset_keeps_earlier_results(earlier, tmp_path):
     out = tmp_path / "study"
     out.mkdir()

@@ -245,10 +245,6 @@ def test_smaller_grid_keeps_only_its_cells(baseline, tmp_path, count_cells):
     assert {key(c) for c in new["cells"]} == grid(cfg)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Study.run iterates `for cls in c.remove` without de-duplicating and never adds finished "
-    "cells to `done`, so a repeated class (--remove 0,0) computes and appends every new cell "
-    "twice"))
 def test_repeated_class_gives_one_cell_per_grid_point(baseline, tmp_path, count_cells):
     out = copy_run(baseline[0], tmp_path / "run")
     cfg = config(remove=[0, 0], samplers=["random"], sizes=[8], seeds=SEEDS + 1)

@@ -51,6 +51,8 @@ class StudyConfig:
         """Raise ValueError naming the first bad field and the fix."""
         if not self.remove:
             raise ValueError("--remove needs at least one class")
+        if len(set(self.remove)) != len(self.remove):
+            raise ValueError(f"--remove lists a class twice: {self.remove}; list each once")
         for s in self.samplers:
             samplers.REGISTRY.get(s.removesuffix(SHRINK_SUFFIX))
         solvers.REGISTRY.get(self.solver)

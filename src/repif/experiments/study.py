@@ -9,6 +9,7 @@ configuration is moved aside to ``results.<hash>.json``, never overwritten in pl
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,14 @@ def check_output_dir(out: Path) -> None:
         raise StudyError(f"output directory {out} is not writable ({err.strerror})") from err
 
 
-def load_previous(out: Path, config: StudyConfig) -> dict[str, Any]:
-    """Earlier results with the same cell hash, or an empty skeleton (see module doc)."""
+def load_previous(out: Path, config: StudyConfig) -> tuple[dict[str, Any], str | None]:
+    """Earlier results with the same cell hash (or an empty skeleton), and the hash of an earlier
+    file from another configuration, which the caller moves aside before its first write."""
     path = out / "results.json"
     fresh = {"config": config.to_dict(), "config_hash": config.cell_hash(),
              "references": [], "cells": []}
     if not path.exists():
-        return fresh
+        return fresh, None
     try:
         old = io.read_json(path)
         old_hash = old["config_hash"]
@@ -67,12 +69,9 @@ def load_previous(out: Path, config: StudyConfig) -> dict[str, Any]:
             "away or delete it to start the study afresh"
         ) from err
     if old_hash != config.cell_hash():
-        backup = out / f"results.{old_hash}.json"
-        path.replace(backup)
-        log.warning("configuration changed: earlier results moved to %s", backup)
-        return fresh
+        return fresh, str(old_hash)
     old["config"] = config.to_dict()
-    return old
+    return old, None
 
 
 class Study:
@@ -116,6 +115,8 @@ class Study:
         self.test = ds.test
         self.original_test = predict(self.model, self.test[0])
         self.original_val = predict(self.model, self.val[0]) if val.any() else None
+        gc.collect()
+        gc.freeze()  # later full collections (before each measured cell) skip setup's objects
 
     def _estimator(self, **kw: Any) -> InfluenceEstimator:
         c = self.config
@@ -207,21 +208,9 @@ class Study:
         return out
 
     # ------------------------------------------------------------------ run
-    def run(self) -> dict[str, Any]:
-        """Run (or resume) every cell; returns the results dict also written to results.json."""
-        c = self.config
-        results = load_previous(self.out, c)
-        self._prepare()
-        path = self.out / "results.json"
-        done = {(r["removed_class"], r["sampler"], r["sample_size"], r["seed"])
-                for r in results["cells"]}
-        grid = [(k, s, m, seed) for k in c.remove for s in c.samplers for m in c.sizes
-                for seed in range(c.seeds)]
-        results["cells"] = [r for r in results["cells"]
-                            if (r["removed_class"], r["sampler"], r["sample_size"], r["seed"])
-                            in set(grid)]
-        bar = tqdm(total=len(grid), desc="cells", disable=not self.progress,
-                   initial=sum(g in done for g in grid))
+    def _check_grid(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """(removed, remaining) training indices per class; raises before anything is written."""
+        c, out = self.config, {}
         for cls in c.remove:
             removed = torch.nonzero(self.train_y == cls).flatten()
             if removed.numel() == 0:
@@ -231,6 +220,29 @@ class Study:
             if too_big:
                 raise StudyError(f"sample size {too_big[0]} exceeds the {rest.numel()} remaining "
                                  "training points; use smaller --sizes")
+            out[cls] = (removed, rest)
+        return out
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) every cell; returns the results dict also written to results.json."""
+        c = self.config
+        results, stale = load_previous(self.out, c)
+        self._prepare()
+        splits = self._check_grid()
+        path = self.out / "results.json"
+        if stale is not None:  # only now, when the new run is known to start
+            backup = self.out / f"results.{stale}.json"
+            path.replace(backup)
+            log.warning("configuration changed: earlier results moved to %s", backup)
+        grid = [(k, s, m, seed) for k in c.remove for s in c.samplers for m in c.sizes
+                for seed in range(c.seeds)]
+        results["cells"] = [r for r in results["cells"] if _key(r) in set(grid)]
+        results["references"] = [r for r in results["references"]
+                                 if r["removed_class"] in c.remove]
+        done = {_key(r) for r in results["cells"]}
+        bar = tqdm(total=len(grid), desc="cells", disable=not self.progress,
+                   initial=len(done))
+        for cls, (removed, rest) in splits.items():
             refs = [r for r in results["references"] if r["removed_class"] == cls]
             full = self._reference(cls, removed, rest)  # always recomputed: g, v_R needed
             if not refs:
@@ -253,3 +265,7 @@ class Study:
         results["num_params"] = self._num_params()
         io.write_json_atomic(path, results)
         return results
+
+
+def _key(cell: dict[str, Any]) -> tuple[int, str, int, int]:
+    return cell["removed_class"], cell["sampler"], cell["sample_size"], cell["seed"]

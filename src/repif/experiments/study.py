@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -250,16 +251,14 @@ class Study:
                 results["references"] += refs
                 io.write_json_atomic(path, results)
             scale = next(r["scale"] for r in refs if r["kind"] == "full")
-            for spec in c.samplers:
-                for m in c.sizes:
-                    for seed in range(c.seeds):
-                        if (cls, spec, m, seed) in done:
-                            continue
-                        bar.set_postfix_str(f"class {cls} {spec} m={m} seed={seed}")
-                        results["cells"].append(
-                            self._cell(cls, spec, m, seed, removed, rest, scale))
-                        io.write_json_atomic(path, results)
-                        bar.update()
+            # samplers innermost, so that drift in machine load hits every sampler alike
+            for seed, m, spec in itertools.product(range(c.seeds), c.sizes, c.samplers):
+                if (cls, spec, m, seed) in done:
+                    continue
+                bar.set_postfix_str(f"class {cls} {spec} m={m} seed={seed}")
+                results["cells"].append(self._cell(cls, spec, m, seed, removed, rest, scale))
+                io.write_json_atomic(path, results)
+                bar.update()
         bar.close()
         results["environment"] = io.environment_metadata()
         results["num_params"] = self._num_params()

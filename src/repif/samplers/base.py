@@ -122,19 +122,21 @@ def build(name: str, options: dict[str, Any] | None = None) -> Sampler:
 def proportional_allocation(sizes: np.ndarray, m: int) -> np.ndarray:
     """Split m draws across groups ∝ ``sizes`` (largest remainder), never above a group's size.
 
-    Groups may get 0 when m is smaller than the number of groups.
+    When m is at least the number of non-empty groups, every non-empty group gets at least one
+    draw (a group with none would drop out of the weighted estimate and bias it); otherwise
+    some groups get 0 and the weights are renormalised over the groups drawn.
     """
     sizes = np.asarray(sizes, dtype=np.int64)
-    total = int(sizes.sum())
-    quota = m * sizes / total
-    alloc = np.minimum(np.floor(quota).astype(np.int64), sizes)
-    remainder = quota - alloc
-    while alloc.sum() < m:
-        room = alloc < sizes
-        order = np.lexsort((np.arange(len(sizes)), -np.where(room, remainder, -np.inf)))
-        pick = order[0]
-        alloc[pick] += 1
-        remainder[pick] = -np.inf if alloc[pick] >= sizes[pick] else remainder[pick] - 1
+    quota = m * sizes / sizes.sum()
+    floor = ((sizes > 0) & (m >= np.count_nonzero(sizes))).astype(np.int64)
+    alloc = np.clip(np.floor(quota).astype(np.int64), floor, sizes)
+    order = np.arange(len(sizes))
+    while alloc.sum() > m:  # the floors pushed us over: take from the most over-served group
+        over = np.where(alloc > floor, alloc - quota, -np.inf)
+        alloc[np.lexsort((order, -over))[0]] -= 1
+    while alloc.sum() < m:  # hand out the rest by largest remainder
+        under = np.where(alloc < sizes, quota - alloc, -np.inf)
+        alloc[np.lexsort((order, -under))[0]] += 1
     return alloc
 
 

@@ -1,0 +1,88 @@
+"""Build the shared peer-benchmark problems once (system python, repif installed).
+
+    OMP_NUM_THREADS=1 python benchmarks/peers/make_problem.py [--out /tmp/peer-problems]
+
+Per problem writes ``DIR/problem.safetensors`` (model state as ``model.*``, float32 train set and
+the first N_TEST test points), ``DIR/meta.json`` and the exact float64 references
+``DIR/ref-ggn.safetensors`` and ``DIR/ref-hessian.safetensors``: repif's dense ``direct`` solve
+over the full training pool, damping 0.01 + weight decay 1e-3 on the mean-loss curvature,
+scores[t, j] = −∇l(z_t)ᵀ(C + λI)⁻¹∇l(z_j).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import repif
+from repif import datasets, training
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arch import PROBLEM_DIR  # noqa: E402
+
+DAMPING = 0.01
+WEIGHT_DECAY = 1e-3
+N_TEST = 50
+
+
+def build(name: str):
+    if name == "digits-mlp":
+        ds = datasets.load("digits")
+        model = training.load_or_train(ds, "mlp", seed=0, weight_decay=WEIGHT_DECAY)
+        return ds, model, "mlp", 64
+    # 1,000 training images and an 8-wide penultimate layer (3.4k parameters) keep the dense
+    # float64 reference (full-pool GGN and Hessian, p × p) to minutes on 2 shared cores.
+    ds = datasets.load("fashion-mnist", limit_train=1000, limit_test=200)
+    model = training.load_or_train(ds, "cnn", seed=0, epochs=10, lr=3e-3,
+                                   weight_decay=WEIGHT_DECAY, hidden=8)
+    return ds, model, "cnn", 8
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=PROBLEM_DIR)
+    ap.add_argument("--problems", default="digits-mlp,fashion-cnn")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    for name in args.problems.split(","):
+        d = args.out / name
+        d.mkdir(parents=True, exist_ok=True)
+        ds, model, arch, hidden = build(name)
+        model = model.float().eval()
+        xtr, ytr = ds.train
+        xte, yte = ds.test[0][:N_TEST], ds.test[1][:N_TEST]
+        tensors = {f"model.{k}": v.detach().float().contiguous()
+                   for k, v in model.state_dict().items()}
+        tensors.update(x_train=xtr.float().contiguous(), y_train=ytr.long().contiguous(),
+                       x_test=xte.float().contiguous(), y_test=yte.long().contiguous())
+        save_file(tensors, str(d / "problem.safetensors"))
+        with torch.no_grad():
+            acc = (model(ds.test[0].float()).argmax(1) == ds.test[1]).float().mean().item()
+        meta = {"name": name, "arch": arch, "hidden": hidden,
+                "input_shape": list(ds.input_shape), "num_classes": int(ds.num_classes),
+                "n_train": len(ytr), "n_test": N_TEST, "damping": DAMPING,
+                "weight_decay": WEIGHT_DECAY, "test_accuracy": acc,
+                "n_params": sum(p.numel() for p in model.parameters()),
+                "repif_version": getattr(repif, "__version__", "?"), "torch": torch.__version__}
+        (d / "meta.json").write_text(json.dumps(meta, indent=1))
+        m64 = model.double()
+        train64 = (xtr.double(), ytr)
+        for curv in ("ggn", "hessian"):
+            t0 = time.perf_counter()
+            est = repif.InfluenceEstimator(m64, train64, curvature=curv, damping=DAMPING,
+                                           weight_decay=WEIGHT_DECAY, solver="direct").fit()
+            scores = est.influence((xte.double(), yte))
+            save_file({"scores": scores.contiguous()}, str(d / f"ref-{curv}.safetensors"))
+            print(f"{name}: {curv} reference {tuple(scores.shape)} in "
+                  f"{time.perf_counter() - t0:.1f}s", flush=True)
+        print(json.dumps(meta), flush=True)
+
+
+if __name__ == "__main__":
+    main()

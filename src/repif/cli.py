@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="sampler names; append +shrink for the diagonal shrinkage fill")
     cr.add_argument("--sizes", type=_ints, default=[16, 64, 256])
     cr.add_argument("--seeds", type=int, default=3, help="number of seeds (0…N−1)")
-    cr.add_argument("--solver", default="woodbury")
+    cr.add_argument("--solver", default="cg")
     cr.add_argument("--curvature", default="ggn")
     cr.add_argument("--damping", type=float, default=0.01)
     cr.add_argument("--scale", type=_scale, default="auto",

@@ -30,7 +30,7 @@ class StudyConfig:
     samplers: list[str] = field(default_factory=lambda: ["random"])
     sizes: list[int] = field(default_factory=lambda: [64])
     seeds: int = 3
-    solver: str = "woodbury"
+    solver: str = "cg"
     curvature: str = "ggn"
     damping: float = 0.01
     scale: float | str = "auto"

@@ -139,7 +139,11 @@ class Study:
             v_full = est.inverse_hvp(g)
         scale = self._pick_scale(est, v_full, cls) if c.scale == "auto" else float(c.scale)
         with measure(self.device) as m2:
-            updated = est.remove(removed, scale=scale, steps=c.steps)
+            if c.steps == 1:  # the update is θ̂ + η v_R: reuse the solve above
+                updated = copy.deepcopy(est.model)
+                est.fm.space.set(updated, est.fm.theta + scale * v_full)
+            else:
+                updated = est.remove(removed, scale=scale, steps=c.steps)
         self.g, self.v_full = g, v_full
         row = {"removed_class": cls, "kind": "full", "scale": scale, "solver": "cg",
                "time_s": m.time_s + m2.time_s,
@@ -186,7 +190,10 @@ class Study:
             est = self._estimator(solver=c.solver, sampler=name, sample_size=m, seed=seed,
                                   shrinkage=shrinkage).fit(rest)
             updated = est.remove(removed, scale=scale, steps=c.steps)
-        v = est.inverse_hvp(self.g)
+        if c.steps == 1:  # θ' = θ̂ + η v_T exactly, so no second solve is needed
+            v = (est.fm.space.get(updated) - est.fm.theta) / scale
+        else:
+            v = est.inverse_hvp(self.g)
         io.save_tensors_atomic(self._vector_path(cls, spec, m, seed), {"v": v.cpu()})
         return {"removed_class": cls, "sampler": spec, "sample_size": m, "seed": seed,
                 **self._scores(updated, cls),
@@ -245,9 +252,16 @@ class Study:
                    initial=len(done))
         for cls, (removed, rest) in splits.items():
             refs = [r for r in results["references"] if r["removed_class"] == cls]
-            full = self._reference(cls, removed, rest)  # always recomputed: g, v_R needed
-            if not refs:
+            saved = self.out / "vectors" / f"full_c{cls}.safetensors"
+            if refs and saved.exists():  # resuming: g and v_R were stored with the references
+                tensors = io.load_tensors(saved)[0]
+                self.g, self.v_full = (tensors[k].to(self.device, self.dtype) for k in "gv")
+            else:
+                full = self._reference(cls, removed, rest)
+                io.save_tensors_atomic(saved, {"g": self.g.cpu(), "v": self.v_full.cpu()})
                 refs = [full, self._retrain(cls, rest)]
+                results["references"] = [r for r in results["references"]
+                                         if r["removed_class"] != cls]
                 results["references"] += refs
                 io.write_json_atomic(path, results)
             scale = next(r["scale"] for r in refs if r["kind"] == "full")

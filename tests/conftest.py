@@ -23,6 +23,14 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_everywhere():
+    """The whole suite runs on one torch / BLAS thread: its problems are small, and on a
+    shared 2-core machine thread hand-offs, not arithmetic, dominated their run time."""
+    with _one_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Run a module's tests on one torch / BLAS thread. Their problems are small (p ≤ 2,410),

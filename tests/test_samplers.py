@@ -272,11 +272,6 @@ def test_logit_stratified_with_m_below_strata_count(stats):
     assert abs(float(sub.weights.sum()) - 1.0) <= 1e-12
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: with fewer draws than (class, bin) strata, logit-stratified fills the "
-    "lowest-numbered strata, so whole classes are left out for every seed",
-)
 def test_logit_stratified_covers_every_class_when_m_allows(stats):
     """m = 8 ≥ 5 classes but < 20 strata. The class docstring promises the pool's spread of
     confidence *in every class*, yet every seed draws only classes 0 and 1 (on digits with class

@@ -119,18 +119,21 @@ def build(name: str, options: dict[str, Any] | None = None) -> Sampler:
     return REGISTRY.get(name)(**(options or {}))
 
 
-def proportional_allocation(sizes: np.ndarray, m: int) -> np.ndarray:
+def proportional_allocation(
+    sizes: np.ndarray, m: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
     """Split m draws across groups ∝ ``sizes`` (largest remainder), never above a group's size.
 
     When m is at least the number of non-empty groups, every non-empty group gets at least one
     draw (a group with none would drop out of the weighted estimate and bias it); otherwise
-    some groups get 0 and the weights are renormalised over the groups drawn.
+    some groups get 0 and the weights are renormalised over the groups drawn. Ties are broken
+    by ``rng`` (seeded, so the same seed gives the same allocation), else by group order.
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     quota = m * sizes / sizes.sum()
     floor = ((sizes > 0) & (m >= np.count_nonzero(sizes))).astype(np.int64)
     alloc = np.clip(np.floor(quota).astype(np.int64), floor, sizes)
-    order = np.arange(len(sizes))
+    order = rng.permutation(len(sizes)) if rng is not None else np.arange(len(sizes))
     while alloc.sum() > m:  # the floors pushed us over: take from the most over-served group
         over = np.where(alloc > floor, alloc - quota, -np.inf)
         alloc[np.lexsort((order, -over))[0]] -= 1
@@ -146,7 +149,7 @@ def stratified_draw(
     """Uniform draws within each stratum, allocated ∝ stratum size; weight_i = (N_s/N)/m_s."""
     labels, inverse = np.unique(strata, return_inverse=True)
     sizes = np.bincount(inverse, minlength=len(labels))
-    alloc = proportional_allocation(sizes, m)
+    alloc = proportional_allocation(sizes, m, rng)
     picked, weights = [], []
     n = len(strata)
     for s, k in enumerate(alloc):

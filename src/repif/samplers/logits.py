@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from repif.samplers.base import Pool, Sampler, stratified_draw
+from repif.samplers.base import Pool, Sampler, proportional_allocation, stratified_draw
 
 LOGIT_STATISTICS = ("confidence", "margin", "entropy")
 PROXIES = ("gini", "gini-feature")
@@ -41,9 +41,10 @@ def curvature_proxy(pool: Pool, proxy: str) -> np.ndarray:
 class LogitStratifiedSampler(Sampler):
     """Within each class, quantile strata of a logit statistic; proportional allocation.
 
-    The subset keeps the pool's spread of confidence in every class. Weight (N_s/N)/m_s keeps
-    C unbiased. Strata that get no draw when m < number of strata are left out (weights
-    renormalised over the strata drawn).
+    The subset keeps the pool's spread of confidence in every class. The budget is split across
+    classes first (every class gets a draw when m ≥ number of classes), then across each class's
+    bins; weight (N_s/N)/m_s keeps C unbiased. A class with fewer draws than bins spreads them
+    over some of its bins, which then stand for the whole class (weights renormalised within it).
     """
 
     name = "logit-stratified"
@@ -57,14 +58,21 @@ class LogitStratifiedSampler(Sampler):
         self.statistic, self.n_bins = statistic, n_bins
 
     def _select(self, pool: Pool, m: int, rng: np.random.Generator):
+        # Two levels, so a small m still spreads over the classes: allocate across classes
+        # first, then across each class's confidence bins.
         stat = logit_statistic(pool, self.statistic)
-        labels = pool.labels.numpy()
-        strata = np.empty(len(pool), dtype=np.int64)
-        for c in np.unique(labels):
-            members = np.flatnonzero(labels == c)
+        _, cls = np.unique(pool.labels.numpy(), return_inverse=True)
+        class_sizes = np.bincount(cls)
+        picked, weights = [], []
+        for c, k in enumerate(proportional_allocation(class_sizes, m, rng)):
+            if k == 0:
+                continue
+            members = np.flatnonzero(cls == c)
             ranks = np.argsort(np.argsort(stat[members], kind="stable"), kind="stable")
-            strata[members] = c * self.n_bins + ranks * self.n_bins // len(members)
-        return stratified_draw(strata, m, rng)
+            local, w = stratified_draw(ranks * self.n_bins // len(members), int(k), rng)
+            picked.append(members[local])
+            weights.append(w / w.sum() * class_sizes[c] / len(pool))
+        return np.concatenate(picked), np.concatenate(weights)
 
 
 def inclusion_probabilities(proxy: np.ndarray, m: int) -> np.ndarray:

@@ -273,11 +273,10 @@ def test_logit_stratified_with_m_below_strata_count(stats):
 
 
 def test_logit_stratified_covers_every_class_when_m_allows(stats):
-    """m = 8 ≥ 5 classes but < 20 strata. The class docstring promises the pool's spread of
-    confidence *in every class*, yet every seed draws only classes 0 and 1 (on digits with class
-    0 removed, m = 16 never draws classes 7–9 and m = 32 never class 8). A seed-independent
-    choice of the strata that get no draw also biases the weighted estimate; allocating across
-    classes first (as ``stratified`` does), or choosing the strata at random ∝ size, fixes it."""
+    """m = 8 ≥ 5 classes but < 20 (class, bin) strata: every class is drawn, for every seed,
+    as the class docstring promises. Regression (fixed in 827c07f): largest-remainder allocation
+    over all strata filled the lowest-numbered ones, so every seed drew only classes 0 and 1
+    here (and on digits with class 0 removed, m = 16 never drew classes 7–9)."""
     pool = _pool(stats)
     sampler = samplers.build("logit-stratified", {"n_bins": 4})
     for seed in range(3):

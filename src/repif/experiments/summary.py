@@ -89,24 +89,19 @@ def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for sampler, sizes in by.items():
         if sampler == BASELINE:
             continue
-        hit = next((m for m in sorted(sizes)
-                    if sizes[m]["f1"] >= target["f1"] - MATCH_TOLERANCE), None)
-        if hit is not None:
-            r = sizes[hit]
-            out["match"][sampler] = {
-                "size": hit, "f1": r["f1"],
-                "time_saved": 1 - r["time_s"] / target["time_s"],
-                "memory_saved": 1 - r["peak_mem_bytes"] / max(target["peak_mem_bytes"], 1),
-            }
-        hit = next((m for m in sorted(sizes)
-                    if sizes[m]["ihvp_rel_error"] <= target["ihvp_rel_error"]), None)
-        if hit is not None:
-            r = sizes[hit]
-            out["error_match"][sampler] = {
-                "size": hit, "ihvp_rel_error": r["ihvp_rel_error"],
-                "time_saved": 1 - r["time_s"] / target["time_s"],
-                "memory_saved": 1 - r["peak_mem_bytes"] / max(target["peak_mem_bytes"], 1),
-            }
+        for name, key, reaches in (
+            ("match", "f1", lambda r: r["f1"] >= target["f1"] - MATCH_TOLERANCE),
+            ("error_match", "ihvp_rel_error",
+             lambda r: r["ihvp_rel_error"] <= target["ihvp_rel_error"]),
+        ):
+            hit = next((m for m in sorted(sizes) if reaches(sizes[m])), None)
+            if hit is not None:
+                r = sizes[hit]
+                out[name][sampler] = {
+                    "size": hit, key: r[key],
+                    "time_saved": 1 - r["time_s"] / target["time_s"],
+                    "memory_saved": 1 - r["peak_mem_bytes"] / max(target["peak_mem_bytes"], 1),
+                }
         gains = [sizes[m]["f1"] - base[m]["f1"] for m in below if m in sizes]
         if gains:
             out["gain"][sampler] = {"sizes": [m for m in below if m in sizes],

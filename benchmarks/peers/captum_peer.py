@@ -15,10 +15,9 @@ import os
 import tempfile
 
 import torch
+from common import main
 from torch import nn
 from torch.utils.data import TensorDataset
-
-from common import main
 
 
 def _setup(model):

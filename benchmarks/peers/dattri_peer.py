@@ -12,10 +12,9 @@ empirical Fisher (set to λ + wd; not the same operator).
 from __future__ import annotations
 
 import torch
+from common import main
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from common import main
 
 
 def attributor(kind, **opts):

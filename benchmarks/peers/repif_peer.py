@@ -5,8 +5,9 @@ scores = −∇l(z_t)ᵀ(C + λI)⁻¹∇l(z_j)."""
 
 from __future__ import annotations
 
-import repif
 from common import main
+
+import repif
 
 
 def run(solver, curvature="ggn", sampler="random", sample_size=None, shrinkage=0.0, **opts):

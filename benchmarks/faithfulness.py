@@ -25,6 +25,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -358,6 +359,16 @@ def cells_of(summary: list[dict], dataset: str) -> dict[tuple[str, int], dict]:
     return {(s["sampler"], s["sample_size"]): s for s in summary if s["dataset"] == dataset}
 
 
+def per_size_table(cells: dict, labels: list[str], sizes: list[int], title: str,
+                   cell: Callable[[dict], str], note: str | None = None) -> list[str]:
+    """Markdown lines of one table: a row per sampler label, a column per m, ``cell(stats)``."""
+    out = [title, "", "| sampler | " + " | ".join(f"m={m}" for m in sizes) + " |",
+           "|" + " --- |" * (1 + len(sizes))]
+    out += [f"| {lab} | " + " | ".join(cell(cells[(lab, m)]) for m in sizes) + " |"
+            for lab in labels]
+    return out + (["", note] if note else [])
+
+
 def write_markdown(path: Path, result: dict[str, Any]) -> None:
     cfg, summary, head = result["config"], result["summary"], result["headline"]
     sizes = cfg["sizes"]
@@ -440,43 +451,19 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
                     f"| {label} | {fmt_m(e)} | {fmt_factor(e, top)} | " + " | ".join(cells) + " |"
                 )
             lines.append("")
-        lines += [
-            "### Error (mean ± std) and seed spread",
-            "",
-            "| sampler | " + " | ".join(f"m={m}" for m in sizes) + " |",
-            "|" + " --- |" * (1 + len(sizes)),
-        ]
         cells = cells_of(summary, d)
-        for label in dict.fromkeys(s["sampler"] for s in summary if s["dataset"] == d):
-            row = []
-            for m in sizes:
-                s = cells[(label, m)]
-                row.append(f"{s['error_mean']:.3f} ± {s['error_std']:.3f} / {s['spread']:.1e}")
-            lines.append(f"| {label} | " + " | ".join(row) + " |")
-        lines += [
-            "",
-            "Cells: error mean ± std / spread.",
-            "",
-            "### Cosine(v_T, v_R) and length ‖v_T‖/‖v_R‖ (means over seeds)",
-            "",
-            "| sampler | " + " | ".join(f"m={m}" for m in sizes) + " |",
-            "|" + " --- |" * (1 + len(sizes)),
-        ]
-        for label in dict.fromkeys(s["sampler"] for s in summary if s["dataset"] == d):
-            row = [f"{cells[(label, m)]['cosine_mean']:.3f} / "
-                   f"{cells[(label, m)]['norm_ratio_mean']:.2f}" for m in sizes]
-            lines.append(f"| {label} | " + " | ".join(row) + " |")
-        lines += [
-            "",
-            "### Mean time per run (s): sampler / solve (fit + apply)",
-            "",
-            "| sampler | " + " | ".join(f"m={m}" for m in sizes) + " |",
-            "|" + " --- |" * (1 + len(sizes)),
-        ]
-        for label in dict.fromkeys(s["sampler"] for s in summary if s["dataset"] == d):
-            row = [f"{cells[(label, m)]['sample_s_mean']:.3f} / "
-                   f"{cells[(label, m)]['solve_s_mean']:.2f}" for m in sizes]
-            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        labels = list(dict.fromkeys(s["sampler"] for s in summary if s["dataset"] == d))
+
+        lines += per_size_table(
+            cells, labels, sizes, "### Error (mean ± std) and seed spread",
+            lambda s: f"{s['error_mean']:.3f} ± {s['error_std']:.3f} / {s['spread']:.1e}",
+            "Cells: error mean ± std / spread.")
+        lines += ["", *per_size_table(
+            cells, labels, sizes, "### Cosine(v_T, v_R) and length ‖v_T‖/‖v_R‖ (means over seeds)",
+            lambda s: f"{s['cosine_mean']:.3f} / {s['norm_ratio_mean']:.2f}")]
+        lines += ["", *per_size_table(
+            cells, labels, sizes, "### Mean time per run (s): sampler / solve (fit + apply)",
+            lambda s: f"{s['sample_s_mean']:.3f} / {s['solve_s_mean']:.2f}")]
         lines.append("")
     io.write_bytes_atomic(path, lambda: "\n".join(lines).encode("utf-8"))
 

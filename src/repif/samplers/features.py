@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 from repif.samplers.base import Pool, Sampler, proportional_allocation
 
@@ -38,6 +37,8 @@ class FeatureKMeansSampler(Sampler):
     def _select(self, pool: Pool, m: int, rng: np.random.Generator):
         feats = pool.features.double().numpy()
         k = min(self.n_clusters, m, len(pool))
+        from sklearn.cluster import KMeans  # imported here: ~90 MB and seconds, rarely needed
+
         km = KMeans(n_clusters=k, n_init=1, random_state=int(rng.integers(2**31)))
         labels = km.fit_predict(feats)
         sizes = np.bincount(labels, minlength=k)

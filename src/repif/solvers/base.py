@@ -13,6 +13,11 @@ from repif.registry import Registry
 
 REGISTRY: Registry[type[Solver]] = Registry("solver")
 
+#: Right-hand sides an iterative solver advances together by default: one pass over the subset
+#: then pushes this many vectors through batched (vmapped) products, which costs far less than as
+#: many separate passes; the extra activations are block_size × chunk_size × layer width floats.
+RHS_BLOCK_SIZE = 64
+
 
 class Solver(ABC):
     """Computes v = (C + λI)⁻¹ g for the curvature C it was fitted on.

@@ -19,8 +19,13 @@ from repif.task import FunctionalModel
 
 CURVATURES = ("ggn", "hessian")
 
-#: Basis vectors pushed through one vmapped product when building a dense matrix.
+#: Basis vectors pushed through one product when building a dense Hessian.
 DENSE_BLOCK = 256
+
+#: A product with k vectors handles chunk_size · PAIR_BUDGET / k points per vmapped call, so
+#: its activations are PAIR_BUDGET times a single matvec chunk's; a larger budget amortises
+#: more per-call overhead (small models) at the price of memory (convolutional models).
+PAIR_BUDGET = 2
 
 
 #: Column blocks of the Gram matrix AᵀA: only blocks on or above the diagonal are multiplied,
@@ -133,21 +138,40 @@ class CurvatureOperator:
 
     def matvec(self, v: Tensor) -> Tensor:
         """C v for a (p,) vector."""
-        self.num_products += 1
-        out = torch.zeros_like(v)
-        for s in range(0, self.n, self.chunk_size):
-            e = s + self.chunk_size
-            out = out + self._chunk_product(self.x[s:e], self.y[s:e], self.weights[s:e], v)
-        if self.shrinkage:
-            out = (1.0 - self.shrinkage) * out + self.shrinkage * self.diagonal() * v
-        return out + self.weight_decay * v if self.weight_decay else out
+        return self.matmat(v[None])[0]
 
     def matmat(self, vs: Tensor) -> Tensor:
-        """C V for (k, p) rows, vmapped over the rows."""
-        try:
-            return vmap(self.matvec)(vs)
-        except RuntimeError:  # an op without a batching rule: fall back to a loop
-            return torch.stack([self.matvec(v) for v in vs])
+        """C V for (k, p) rows: one pass over the subset, the rows vmapped together.
+
+        Once the GGN factor A exists (``dense``, ``diagonal`` or the Woodbury solver built it)
+        the product is Aᵀ(A V), two matrix products, instead of a pass through the model.
+        """
+        self.num_products += vs.shape[0]
+        if self.kind == "ggn" and self._factor is not None:
+            out = (vs @ self._factor.T) @ self._factor
+        else:
+            out = self._pass(vs)
+        if self.shrinkage:
+            out = (1.0 - self.shrinkage) * out + self.shrinkage * self.diagonal() * vs
+        return out + self.weight_decay * vs if self.weight_decay else out
+
+    def _pass(self, vs: Tensor) -> Tensor:
+        """Σ_i w_i (curvature of point i) V through the model, ≤ chunk_size·PAIR_BUDGET
+        (point, row) pairs per vmapped call so memory stays near a single matvec's."""
+        k = vs.shape[0]
+        step = self.chunk_size if k == 1 else max(1, int(self.chunk_size * PAIR_BUDGET) // k)
+        batched = vmap(self._chunk_product, in_dims=(None, None, None, 0))
+        out = torch.zeros_like(vs)
+        for s in range(0, self.n, step):
+            x, y, w = self.x[s : s + step], self.y[s : s + step], self.weights[s : s + step]
+            if k == 1:
+                out[0] += self._chunk_product(x, y, w, vs[0])
+                continue
+            try:
+                out += batched(x, y, w, vs)
+            except RuntimeError:  # an op without a batching rule: fall back to a loop
+                out += torch.stack([self._chunk_product(x, y, w, v) for v in vs])
+        return out
 
     def diagonal(self) -> Tensor:
         """(p,) diagonal of the subset GGN Σ w_i J_iᵀΛ_iJ_i (no weight decay, no shrinkage)."""

@@ -217,3 +217,15 @@ def test_woodbury_matches_direct(digits_mlp, reference):
 
 def test_solver_names_registered():
     assert {"direct", "cg", "lissa", "arnoldi", "identity"} <= set(repif.solvers.names())
+
+
+def test_gram_matches_plain_product_and_accumulates():
+    """repif.curvature.gram multiplies only blocks on/above the diagonal; against AᵀA."""
+    from repif.curvature import gram
+
+    a = torch.randn(700, 600, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    whole = gram(a)
+    parts = gram(a[300:], out=gram(a[:300]))
+    for got in (whole, parts):
+        torch.testing.assert_close(got, a.T @ a, rtol=1e-12, atol=1e-10)
+        assert torch.equal(got, got.T)

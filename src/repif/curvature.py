@@ -11,6 +11,8 @@ points gives a GGN of rank ≤ m·(C − 1), and in the directions it misses the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
@@ -32,25 +34,26 @@ PAIR_BUDGET = 2
 #: so the product costs (k + 1)/(2k) of a full one (0.56 for k = 8); more blocks mean smaller,
 #: less efficient matrix products.
 GRAM_BLOCKS = 8
+#: Narrower blocks than this make matrix products too small to run efficiently.
+MIN_GRAM_BLOCK = 128
 
 
-def gram(a: Tensor, blocks: int = GRAM_BLOCKS) -> Tensor:
-    """AᵀA for an (N, p) matrix, computing each off-diagonal block once (symmetric result)."""
+def gram(a: Tensor, out: Tensor | None = None, blocks: int = GRAM_BLOCKS) -> Tensor:
+    """AᵀA for an (N, p) matrix, added into ``out`` (p, p) if given; each off-diagonal block
+    is multiplied once and mirrored, so the result is exactly symmetric."""
     p = a.shape[1]
-    width = -(-p // blocks)
-    if blocks <= 1 or width < 128:
-        return a.T @ a
-    out = torch.empty(p, p, dtype=a.dtype, device=a.device)
-    starts = range(0, p, width)
-    for i in starts:
+    if out is None:
+        out = torch.zeros(p, p, dtype=a.dtype, device=a.device)
+    width = max(-(-p // blocks), MIN_GRAM_BLOCK)
+    for i in range(0, p, width):
         ai = a[:, i : i + width]
-        for j in starts:
-            if j < i:
-                continue
+        for j in range(i, p, width):
             block = ai.T @ a[:, j : j + width]
-            out[i : i + width, j : j + width] = block
+            if j == i:  # a product's round-off is not symmetric
+                block = 0.5 * (block + block.T)
+            out[i : i + width, j : j + width] += block
             if j > i:
-                out[j : j + width, i : i + width] = block.T
+                out[j : j + width, i : i + width] += block.T
     return out
 
 
@@ -185,8 +188,12 @@ class CurvatureOperator:
         Rows i·C … i·C + C − 1 are √w_i B_i J_i, with B_i the task's factor of Λ_i. Computed
         once and kept.
         """
-        if self._factor is not None:
-            return self._factor
+        if self._factor is None:
+            self._factor = torch.cat(list(self._factor_chunks()))
+        return self._factor
+
+    def _factor_chunks(self) -> Iterator[Tensor]:
+        """The rows of :meth:`ggn_factor`, chunk_size points at a time."""
         if self.kind != "ggn":
             raise ValueError("ggn_factor needs curvature='ggn' (the Hessian has no such factor)")
         fm = self.fm
@@ -195,24 +202,31 @@ class CurvatureOperator:
             return fm.output(theta, xi.unsqueeze(0)).squeeze(0)
 
         jac = vmap(jacrev(single), in_dims=(None, 0))
-        rows = []
         for s in range(0, self.n, self.chunk_size):
             x, y = self.x[s : s + self.chunk_size], self.y[s : s + self.chunk_size]
             w = self.weights[s : s + self.chunk_size]
             j = jac(fm.theta, x)  # (b, C, p)
             with torch.no_grad():
                 b = fm.task.output_hessian_factor(fm.output(fm.theta, x), y)  # (b, C, C)
-            rows.append((w.sqrt()[:, None, None] * (b @ j)).reshape(-1, self.size))
-        self._factor = torch.cat(rows)
-        return self._factor
+            yield (w.sqrt()[:, None, None] * (b @ j)).reshape(-1, self.size)
 
     def dense(self) -> Tensor:
-        """The (p, p) matrix C, symmetrised to remove round-off asymmetry."""
+        """The (p, p) matrix C, symmetric. The GGN is summed chunk by chunk (AᵀA without
+        keeping A, unless another caller already built it); the Hessian is formed from
+        products with basis vectors and symmetrised to remove round-off asymmetry."""
         if self.kind == "ggn":
-            m = gram(self.ggn_factor())
+            if self._factor is not None:
+                m = gram(self._factor)
+            else:
+                m = torch.zeros(self.size, self.size, dtype=self.fm.dtype, device=self.fm.device)
+                diag = torch.zeros(self.size, dtype=self.fm.dtype, device=self.fm.device)
+                for rows in self._factor_chunks():
+                    gram(rows, out=m)
+                    diag += rows.pow(2).sum(0)
+                self._diag = diag
             m.mul_(1.0 - self.shrinkage)
             m.diagonal().add_(self.weight_decay + self.shrinkage * self.diagonal())
-            return 0.5 * (m + m.T)
+            return m
         p = self.size
         eye = torch.eye(p, dtype=self.fm.dtype, device=self.fm.device)
         cols = [self.matmat(eye[s : s + DENSE_BLOCK]) for s in range(0, p, DENSE_BLOCK)]

@@ -29,15 +29,17 @@ class DirectSolver(Solver):
             )
         a = self.operator.dense()
         a.diagonal().add_(self.damping)
-        self.matrix = a
+        self._dtype = a.dtype
         chol, info = torch.linalg.cholesky_ex(a)
         if int(info) == 0:
             self._chol, self._lu = chol, None
         else:  # indefinite (exact Hessian of a non-convex model): LU still solves it exactly
+            del chol
             self._chol, self._lu = None, torch.linalg.lu_factor(a)
+        # only the factorisation is kept: C + λI itself would double the solver's memory
 
     def solve(self, g: Tensor) -> Tensor:
-        rhs = g.T.to(self.matrix.dtype)
+        rhs = g.T.to(self._dtype)
         if self._chol is not None:
             x = torch.cholesky_solve(rhs, self._chol)
         else:

@@ -9,6 +9,7 @@ fallback differentiates :meth:`loss_from_output` twice.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,25 @@ class FunctionalModel:
     def losses(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """(n,) per-sample losses at ``theta``."""
         return self.task.loss_from_output(self.output(theta, x), y)
+
+    @torch.no_grad()
+    def activation_numel(self, x: Tensor) -> int:
+        """Number of elements all leaf modules output for the first point of ``x`` (an estimate
+        of one point's activation memory, in elements; at least the output size)."""
+        total = [0]
+
+        def count(_module: nn.Module, _inputs: Any, out: Any) -> None:
+            if isinstance(out, Tensor):
+                total[0] += out.numel()
+
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(count) for m in leaves]
+        try:
+            out = self.output(self.theta, x[:1])
+        finally:
+            for h in handles:
+                h.remove()
+        return max(total[0], out.numel())
 
     def sample_loss_fn(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         """loss(θ, x_i, y_i) for one unbatched sample, the form ``vmap(grad(·))`` needs."""

@@ -69,5 +69,8 @@ METHODS = {
     "tracincp": influence_cls("tracin"),
 }
 
+#: The exact and Arnoldi methods approximate the Hessian; TracInCP uses no curvature.
+TARGETS = {"naive-exact": "hessian", "arnoldi": "hessian", "tracincp": "ggn"}
+
 if __name__ == "__main__":
-    main(METHODS, "captum")
+    main(METHODS, "captum", TARGETS)

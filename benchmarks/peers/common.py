@@ -14,9 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arch import load_problem, save_scores  # noqa: E402,F401
 
 
-def main(methods: dict, library: str) -> None:
+def main(methods: dict, library: str, targets: dict[str, str] | None = None) -> None:
     """``methods[name](model, train, test, meta) -> (n_test, n_train) scores`` in repif's
-    convention; the time covers everything the method does after the problem is loaded."""
+    convention; the time covers everything the method does after the problem is loaded.
+
+    ``targets[name]`` is the curvature the method approximates, "hessian" or "ggn" (default):
+    its scores are judged against the exact reference with that curvature."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--problem")
@@ -24,7 +27,7 @@ def main(methods: dict, library: str) -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.list:
-        print(json.dumps(list(methods)))
+        print(json.dumps({m: (targets or {}).get(m, "ggn") for m in methods}))
         return
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -58,5 +58,8 @@ METHODS = {
     "datainf": attributor("datainf"),
 }
 
+#: Every dattri IF method but DataInf (an empirical-Fisher approximation) targets the Hessian.
+TARGETS = {m: "ggn" if m == "datainf" else "hessian" for m in METHODS}
+
 if __name__ == "__main__":
-    main(METHODS, "dattri")
+    main(METHODS, "dattri", TARGETS)

@@ -1,7 +1,9 @@
 """repif's solvers, with and without its samplers (system python, float32 like every peer).
 
 Conventions are repif's own: C = mean-loss GGN (or Hessian) + weight_decay·I, damping λ added,
-scores = −∇l(z_t)ᵀ(C + λI)⁻¹∇l(z_j)."""
+scores = −∇l(z_t)ᵀ(C + λI)⁻¹∇l(z_j). Methods named ``hessian-*`` use the exact Hessian (the
+curvature Captum, dattri and most of pyDVL use); the others the GGN (kronfluence's target).
+"""
 
 from __future__ import annotations
 
@@ -20,12 +22,16 @@ def run(solver, curvature="ggn", sampler="random", sample_size=None, shrinkage=0
     return method
 
 
+CG = {"tol": 1e-6, "max_iter": 2000}
+
 METHODS = {
     "direct": run("direct"),
-    "cg": run("cg", tol=1e-6, max_iter=2000),
+    "cg": run("cg", **CG),
     "lissa": run("lissa", depth=1000, batch_size=64, tol=1e-6),
     "arnoldi": run("arnoldi", rank=100),
     "identity": run("identity"),
+    "hessian-direct": run("direct", curvature="hessian"),
+    "hessian-cg": run("cg", curvature="hessian", **CG),
     "woodbury-logit-importance-128": run("woodbury", sampler="logit-importance",
                                          sample_size=128, shrinkage="auto"),
     "woodbury-logit-importance-256": run("woodbury", sampler="logit-importance",
@@ -33,8 +39,10 @@ METHODS = {
     "woodbury-random-256": run("woodbury", sampler="random", sample_size=256,
                                shrinkage="auto"),
     "cg-logit-importance-256": run("cg", sampler="logit-importance", sample_size=256,
-                                   shrinkage="auto", tol=1e-6, max_iter=2000),
+                                   shrinkage="auto", **CG),
 }
 
+TARGETS = {m: "hessian" if m.startswith("hessian-") else "ggn" for m in METHODS}
+
 if __name__ == "__main__":
-    main(METHODS, "repif")
+    main(METHODS, "repif", TARGETS)

@@ -3,8 +3,9 @@ benchmarks/results/peers.json (medians) and peers.md.
 
     python benchmarks/peers/run.py --install          # venvs under /tmp/peer-venvs (once)
     OMP_NUM_THREADS=1 python benchmarks/peers/make_problem.py
-    python benchmarks/peers/run.py --reps 3 [--problems ...] [--libraries ...]
+    python benchmarks/peers/run.py --reps 3 [--problems ...] [--libraries ...] [--resume]
 
+A method is repeated only if its first run succeeded in under --repeat-under seconds.
 Every child runs with OMP_NUM_THREADS=1, MKL_NUM_THREADS=1 (and torch.set_num_threads(1)).
 Repetitions alternate libraries/methods (rep r runs the whole list, rotated by r). Peak memory is
 the child's own peak RSS from os.wait4 (ru_maxrss of that one process, not cumulative), which
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +28,7 @@ RESULTS = HERE.parent / "results"
 VENVS = Path(os.environ.get("PEER_VENVS", "/tmp/peer-venvs"))
 sys.path.insert(0, str(HERE))
 from arch import PROBLEM_DIR, PROBLEMS  # noqa: E402
+from report import write  # noqa: E402
 
 LIBRARIES = {  # library -> (script, python, pip requirements after torch==2.13.0)
     "repif": ("repif_peer.py", sys.executable, None),
@@ -58,7 +59,7 @@ def install(libs) -> None:
                         "startswith('2.13.0'), torch.__version__"], check=True)
 
 
-def run_one(lib, problem, method, tmp: Path, timeout: float) -> dict:
+def run_one(lib, problem, method, target: str, tmp: Path, timeout: float) -> dict:
     script, python, _ = LIBRARIES[lib]
     out = tmp / f"{lib}-{problem}-{method}.safetensors"
     out.unlink(missing_ok=True)
@@ -87,64 +88,32 @@ def run_one(lib, problem, method, tmp: Path, timeout: float) -> dict:
         rec["error"] = f"exit {status}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"
         return rec
     from safetensors import safe_open
+    from safetensors.torch import load_file
     from scipy import stats
 
     with safe_open(str(out), "pt") as f:
         scores = f.get_tensor("scores").double().flatten().numpy()
         rec["time_s"] = float(f.metadata()["time_s"])
     for ref in ("ggn", "hessian"):
-        from safetensors.torch import load_file
-        r = load_file(str(PROBLEM_DIR / problem / f"ref-{ref}.safetensors"))["scores"]
-        r = r.double().flatten().numpy()
-        suffix = "" if ref == "ggn" else "_hessian_ref"
-        rec["pearson" + suffix] = float(stats.pearsonr(r, scores)[0])
-        rec["spearman" + suffix] = float(stats.spearmanr(r, scores)[0])
+        path = PROBLEM_DIR / problem / f"ref-{ref}.safetensors"
+        if not path.exists():
+            continue
+        r = load_file(str(path))["scores"].double().flatten().numpy()
+        rec[f"pearson_{ref}"] = float(stats.pearsonr(r, scores)[0])
+        rec[f"spearman_{ref}"] = float(stats.spearmanr(r, scores)[0])
+    rec["reference"] = target
+    rec["pearson"], rec["spearman"] = rec[f"pearson_{target}"], rec[f"spearman_{target}"]
     return rec
 
 
-def methods_of(lib) -> list[str]:
+def methods_of(lib) -> dict[str, str]:
+    """{method: the curvature it targets} as the library's script declares."""
     script, python, _ = LIBRARIES[lib]
-    if not Path(python).exists():
-        return []
+    if not Path(python).exists() or not (HERE / script).exists():
+        return {}
     r = subprocess.run([python, str(HERE / script), "--list"], env=ENV, cwd=HERE,
                        capture_output=True, text=True)
-    return json.loads(r.stdout) if r.returncode == 0 else []
-
-
-def summarise(runs: list[dict]) -> list[dict]:
-    rows = {}
-    for r in runs:
-        rows.setdefault((r["problem"], r["library"], r["method"]), []).append(r)
-    out = []
-    for (problem, lib, method), rs in rows.items():
-        ok = [r for r in rs if "error" not in r]
-        row = {"problem": problem, "library": lib, "method": method, "reps": len(ok)}
-        if not ok:
-            row.update(time_s=None, peak_mem_bytes=None, pearson=None, spearman=None,
-                       error=rs[-1]["error"])
-        else:
-            for k in ("time_s", "peak_mem_bytes", "pearson", "spearman", "pearson_hessian_ref",
-                      "spearman_hessian_ref", "wall_s"):
-                row[k] = statistics.median(r[k] for r in ok)
-            row["peak_mem_bytes"] = int(row["peak_mem_bytes"])
-            if len(ok) < len(rs):
-                row["failed_reps"] = len(rs) - len(ok)
-        out.append(row)
-    return out
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| problem | library | method | time (s) | peak RSS (MB) | Pearson | Spearman | "
-             "Pearson vs Hessian ref |", "|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if r.get("error") and r["time_s"] is None:
-            lines.append(f"| {r['problem']} | {r['library']} | {r['method']} | — | — | — | — | "
-                         f"error: {r['error'][:120].replace('|', '/')} |")
-            continue
-        lines.append(f"| {r['problem']} | {r['library']} | {r['method']} | {r['time_s']:.2f} | "
-                     f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['pearson']:.4f} | "
-                     f"{r['spearman']:.4f} | {r['pearson_hessian_ref']:.4f} |")
-    return "\n".join(lines) + "\n"
+    return json.loads(r.stdout) if r.returncode == 0 else {}
 
 
 def main() -> None:
@@ -155,7 +124,14 @@ def main() -> None:
     ap.add_argument("--libraries", default=",".join(LIBRARIES))
     ap.add_argument("--methods", default="", help="comma list lib:method to restrict to")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--repeat-under", type=float, default=120.0,
+                    help="repeat a method only if its first run succeeded within this many "
+                         "seconds (long runs vary little relative to their length)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep TMP/runs.jsonl and skip the runs it already holds")
     ap.add_argument("--tmp", type=Path, default=Path("/tmp/peer-runs"))
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="where peers.json / peers.md go (default benchmarks/results)")
     ap.add_argument("--merge", action="store_true", help="keep rows of peers.json not rerun")
     ap.add_argument("--summarise", action="store_true",
                     help="only rebuild peers.json/peers.md from TMP/runs.jsonl")
@@ -167,55 +143,35 @@ def main() -> None:
     args.tmp.mkdir(parents=True, exist_ok=True)
     if args.summarise:
         runs = [json.loads(line) for line in open(args.tmp / "runs.jsonl")]
-        write([r for r in runs if r["problem"] in args.problems.split(",")], args.merge)
+        write([r for r in runs if r["problem"] in args.problems.split(",")], args.merge,
+              args.results)
         return
     only = set(filter(None, args.methods.split(",")))
-    jobs = [(lib, m) for lib in libs for m in methods_of(lib) if not only or f"{lib}:{m}" in only]
-    runs = []
+    jobs = [(lib, m, target) for lib in libs for m, target in methods_of(lib).items()
+            if not only or f"{lib}:{m}" in only]
     raw = args.tmp / "runs.jsonl"
+    runs = [json.loads(line) for line in open(raw)] if args.resume and raw.exists() else []
+    if not args.resume:
+        raw.unlink(missing_ok=True)
     for rep in range(args.reps):
         k = rep % max(len(jobs), 1)
         for problem in args.problems.split(","):
-            for lib, m in jobs[k:] + jobs[:k]:
-                rec = run_one(lib, problem, m, args.tmp, args.timeout)
+            for lib, m, target in jobs[k:] + jobs[:k]:
+                mine = [r for r in runs if (r["problem"], r["library"], r["method"])
+                        == (problem, lib, m)]
+                if any(r["rep"] == rep for r in mine):
+                    continue
+                first = [r for r in mine if r["rep"] == 0]
+                if rep > 0 and (not first or "error" in first[0]
+                                or first[0]["wall_s"] > args.repeat_under):
+                    continue
+                rec = run_one(lib, problem, m, target, args.tmp, args.timeout)
                 rec.update(problem=problem, library=lib, method=m, rep=rep)
                 runs.append(rec)
                 with open(raw, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 print(json.dumps(rec), flush=True)
-    write(runs, args.merge)
-
-
-#: (library, reason) rows recorded when a library was not run at all.
-NOT_RUN = {
-    "pydvl": "installed (pydvl[influence] beside torch 2.13.0 CPU) but no script written: "
-             "out of the session's time budget",
-    "kronfluence": "installed with --no-deps plus accelerate, einops, einconv, opt_einsum, "
-                   "safetensors, tqdm, but no script written: out of the session's time budget",
-}
-
-
-def write(runs: list[dict], merge: bool) -> None:
-    rows = summarise(runs)
-    for lib, why in NOT_RUN.items():
-        if not Path(HERE / LIBRARIES[lib][0]).exists():
-            for problem in PROBLEMS:
-                rows.append({"problem": problem, "library": lib, "method": "all", "reps": 0,
-                             "time_s": None, "peak_mem_bytes": None, "pearson": None,
-                             "spearman": None, "error": why})
-    path = RESULTS / "peers.json"
-    if merge and path.exists():
-        new = {(r["problem"], r["library"], r["method"]) for r in rows}
-        rows = [r for r in json.loads(path.read_text())
-                if (r["problem"], r["library"], r["method"]) not in new] + rows
-    order = {p: i for i, p in enumerate(PROBLEMS)}
-    lib_order = {lib: i for i, lib in enumerate(LIBRARIES)}
-    rows.sort(key=lambda r: (order.get(r["problem"], 9), lib_order.get(r["library"], 9),
-                             r["method"]))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / "peers.md").write_text(table(rows))
-    print(table(rows))
+    write(runs, args.merge, args.results)
 
 
 if __name__ == "__main__":

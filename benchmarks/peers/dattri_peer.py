@@ -1,11 +1,11 @@
 """dattri: IFAttributorExplicit, CG, LiSSA, Arnoldi, DataInf.
 
 Convention mapping: the loss handed to dattri is the *mean* cross-entropy of a batch, and the
-training set is given to `cache`/`attribute` as ONE batch (dattri sums per-batch Hessians, so with
-k batches its curvature would be k·H); so its Hessian is repif's mean-loss Hessian and
-`regularization` = λ + wd. dattri uses the exact Hessian (compare against the Hessian reference
-too). It returns an (n_train, n_test) matrix of g_trainᵀ H⁻¹ g_test (positive = helpful): repif's
-score is its negated transpose. DataInf's `regularization` is its own per-layer damping of the
+training set is given to `cache`/`attribute` as ONE batch: dattri sums per-batch inverse-HVPs
+Σ_b (H_b + rI)⁻¹v, so only a single batch gives (H + rI)⁻¹v with H repif's mean-loss Hessian;
+`regularization` = λ + wd. dattri uses the exact Hessian (compare against the Hessian reference).
+It returns an (n_train, n_test) matrix of g_trainᵀ H⁻¹ g_test (positive = helpful): repif's score
+is its negated transpose. DataInf's `regularization` is its own per-layer damping of the
 empirical Fisher (set to λ + wd; not the same operator).
 """
 
@@ -15,6 +15,10 @@ import torch
 from common import main
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+#: Test queries per attribute() batch: dattri vmaps its inverse-HVP over a batch's queries, each
+#: through the whole one-batch training set, so 50 at once needed > 17 GB (killed) on digits.
+TEST_BATCH = 5
 
 
 def attributor(kind, **opts):
@@ -45,7 +49,7 @@ def attributor(kind, **opts):
         full = DataLoader(TensorDataset(*train), batch_size=n)
         att.cache(full)
         scores = att.attribute(DataLoader(TensorDataset(*train), batch_size=256),
-                               DataLoader(TensorDataset(*test), batch_size=len(test[1])))
+                               DataLoader(TensorDataset(*test), batch_size=TEST_BATCH))
         return -scores.T
     return method
 

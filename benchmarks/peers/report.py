@@ -14,8 +14,8 @@ LIBRARY_ORDER = ("repif", "captum", "dattri", "pydvl", "kronfluence")
 #: the headline time/memory comparison, as the benchmark's brief asks.
 ACCURATE = 0.99
 
-MEDIAN_KEYS = ("time_s", "peak_mem_bytes", "wall_s", "pearson", "spearman", "pearson_ggn",
-               "spearman_ggn", "pearson_hessian", "spearman_hessian")
+MEDIAN_KEYS = ("nonfinite_rows", "time_s", "peak_mem_bytes", "wall_s", "pearson", "spearman",
+               "pearson_ggn", "spearman_ggn", "pearson_hessian", "spearman_hessian")
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -60,9 +60,14 @@ def table(rows: list[dict]) -> str:
             continue
         lines.append(
             f"{head} {r['time_s']:.2f} | {r['peak_mem_bytes'] / 2**20:.0f} | "
-            f"{r['pearson']:.4f} | {r['spearman']:.4f} | {_fmt(r.get('pearson_ggn'), '.4f')} | "
-            f"{_fmt(r.get('pearson_hessian'), '.4f')} |")
+            f"{r['pearson']:.4f}{_nan_note(r)} | {r['spearman']:.4f} | "
+            f"{_fmt(r.get('pearson_ggn'), '.4f')} | {_fmt(r.get('pearson_hessian'), '.4f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _nan_note(r: dict) -> str:
+    n = r.get("nonfinite_rows")
+    return f" ({n:.0f} NaN query rows left out)" if n else ""
 
 
 def headline(rows: list[dict], threshold: float = ACCURATE) -> list[dict]:
@@ -71,7 +76,7 @@ def headline(rows: list[dict], threshold: float = ACCURATE) -> list[dict]:
     out = []
     for problem in PROBLEMS:
         ok = [r for r in rows if r["problem"] == problem and r["time_s"] is not None
-              and r["pearson"] >= threshold]
+              and r["pearson"] >= threshold and not r.get("nonfinite_rows")]
         ours = [r for r in ok if r["library"] == "repif"]
         peers = [r for r in ok if r["library"] != "repif"]
         if not ours or not peers:

@@ -92,13 +92,16 @@ def run_one(lib, problem, method, target: str, tmp: Path, timeout: float) -> dic
     from scipy import stats
 
     with safe_open(str(out), "pt") as f:
-        scores = f.get_tensor("scores").double().flatten().numpy()
+        scores = f.get_tensor("scores").double()
         rec["time_s"] = float(f.metadata()["time_s"])
+    finite = scores.isfinite().all(1)  # a query row with NaN/inf is left out and counted
+    rec["nonfinite_rows"] = int((~finite).sum())
+    scores = scores[finite].flatten().numpy()
     for ref in ("ggn", "hessian"):
         path = PROBLEM_DIR / problem / f"ref-{ref}.safetensors"
         if not path.exists():
             continue
-        r = load_file(str(path))["scores"].double().flatten().numpy()
+        r = load_file(str(path))["scores"].double()[finite].flatten().numpy()
         rec[f"pearson_{ref}"] = float(stats.pearsonr(r, scores)[0])
         rec[f"spearman_{ref}"] = float(stats.spearmanr(r, scores)[0])
     rec["reference"] = target

@@ -29,8 +29,13 @@ def summarise(runs: list[dict]) -> list[dict]:
         row = {"problem": problem, "library": lib, "method": method, "reps": len(ok),
                "reference": rs[-1].get("reference")}
         if not ok:
+            last = rs[-1]
+            error = last["error"]
+            if error.startswith("exit timeout"):
+                error = (f"timed out at {last['wall_s']:.0f} s "
+                         f"(peak RSS {last['peak_mem_bytes'] / 2**20:.0f} MB by then)")
             row.update(time_s=None, peak_mem_bytes=None, pearson=None, spearman=None,
-                       error=rs[-1]["error"])
+                       error=error)
         else:
             for k in MEDIAN_KEYS:
                 vals = [r[k] for r in ok if k in r]

@@ -313,3 +313,10 @@ def test_cli_writes_report_and_plots(baseline, tmp_path, count_cells, capsys):
         assert any(line.startswith(sampler) and "±" in line for line in printed.splitlines())
     assert "reference: full pool" in printed and "reference: retrain" in printed
     assert str(out / "results.json") in printed and str(report) in printed
+
+
+def test_a_negative_saving_reads_as_more():
+    from repif.experiments.summary import _saving
+
+    assert _saving(0.25, "time") == "25.0% less time"
+    assert _saving(-0.261, "memory") == "26.1% more memory"

@@ -124,10 +124,12 @@ class CurvatureOperator:
 
     def restrict(self, local: Tensor, weights: Tensor) -> CurvatureOperator:
         """The same curvature on rows ``local`` of this subset with new weights (e.g. a batch)."""
-        return CurvatureOperator(
+        sub = CurvatureOperator(
             self.fm, self.x[local], self.y[local], weights, kind=self.kind,
             weight_decay=self.weight_decay, shrinkage=self.shrinkage, chunk_size=self.chunk_size,
         )
+        sub._pair_bytes = self._pair_cost()  # same model: measured once, not per batch
+        return sub
 
     def _chunk_product(self, x: Tensor, y: Tensor, w: Tensor, v: Tensor) -> Tensor:
         theta = self.fm.theta
@@ -182,12 +184,16 @@ class CurvatureOperator:
                 out += torch.stack([self._chunk_product(x, y, w, v) for v in vs])
         return out
 
-    def _points_per_call(self, k: int) -> int:
-        """Points per vmapped call for k vectors, to stay within PRODUCT_MEMORY_BYTES."""
+    def _pair_cost(self) -> int:
+        """Bytes one (point, vector) pair keeps alive in a product; measured once per model."""
         if self._pair_bytes is None:
             numel = self.fm.activation_numel(self.x)
             self._pair_bytes = PRODUCT_OVERHEAD * numel * self.fm.theta.element_size()
-        return max(1, min(self.n, PRODUCT_MEMORY_BYTES // (self._pair_bytes * k)))
+        return self._pair_bytes
+
+    def _points_per_call(self, k: int) -> int:
+        """Points per vmapped call for k vectors, to stay within PRODUCT_MEMORY_BYTES."""
+        return max(1, min(self.n, PRODUCT_MEMORY_BYTES // (self._pair_cost() * k)))
 
     def diagonal(self) -> Tensor:
         """(p,) diagonal of the subset GGN Σ w_i J_iᵀΛ_iJ_i (no weight decay, no shrinkage)."""

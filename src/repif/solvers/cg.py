@@ -34,8 +34,7 @@ class CGSolver(Solver):
 
     def _apply(self, d: Tensor) -> Tensor:
         """(C + λI) D for (k, p) rows."""
-        out = self.operator.matvec(d[0])[None] if d.shape[0] == 1 else self.operator.matmat(d)
-        return out + self.damping * d
+        return self.operator.matmat(d) + self.damping * d
 
     def _solve_block(self, g: Tensor) -> Tensor:
         x = torch.zeros_like(g)

@@ -92,7 +92,7 @@ class LissaSolver(Solver):
                 break
             op = self._batch_operator(gen)
             va = v[active]
-            av = (op.matvec(va[0])[None] if va.shape[0] == 1 else op.matmat(va))
+            av = op.matmat(va)
             v_new = g[active] + va - (av + self.damping * va) / self.scale
             norm = v_new.norm(dim=1)
             bad = ~torch.isfinite(norm) if bound is None else ~(norm <= bound[active])

@@ -48,7 +48,7 @@ def test_model_sizes_and_determinism(digits):
     )
     with pytest.raises(ValueError, match="mlp, cnn, resnet"):
         models.build("vgg", digits)
-    assert models.names() == ["mlp", "cnn", "resnet"]
+    assert models.names() == ["mlp", "cnn", "resnet", "resnet18"]
 
 
 def _weights(model):

@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     cr.add_argument("--dataset", default="digits")
     cr.add_argument("--data-dir", default=None)
     cr.add_argument("--model", default="mlp")
+    cr.add_argument("--width", type=int, default=None,
+                    help="model size: ResNet-18's base width (default 64), or the hidden width "
+                    "of mlp/cnn/resnet (their defaults 64/32/16)")
     cr.add_argument("--remove", type=_ints, default=[0], help="classes, e.g. 0,3")
     cr.add_argument("--samplers", type=_names, default=["random", "logit-importance"],
                     help="sampler names; append +shrink for the diagonal shrinkage fill")
@@ -85,10 +88,10 @@ def _config(args: argparse.Namespace) -> StudyConfig:
         return StudyConfig(samplers=list(DEMO_SAMPLERS), device=args.device,
                            **{**DEMO, "seeds": args.seeds})
     return StudyConfig(
-        dataset=args.dataset, data_dir=args.data_dir, model=args.model, remove=args.remove,
-        samplers=args.samplers, sizes=args.sizes, seeds=args.seeds, solver=args.solver,
-        curvature=args.curvature, damping=args.damping, scale=args.scale, steps=args.steps,
-        epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+        dataset=args.dataset, data_dir=args.data_dir, model=args.model, width=args.width,
+        remove=args.remove, samplers=args.samplers, sizes=args.sizes, seeds=args.seeds,
+        solver=args.solver, curvature=args.curvature, damping=args.damping, scale=args.scale,
+        steps=args.steps, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
         limit_train=args.limit_train, limit_test=args.limit_test, dtype=args.dtype,
         device=args.device,
     )

@@ -12,11 +12,14 @@ points gives a GGN of rank ≤ m·(C − 1), and in the directions it misses the
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
+from repif.data import batch_len, take, to_device
+from repif.memory import MemoryBudget
 from repif.task import FunctionalModel
 
 CURVATURES = ("ggn", "hessian")
@@ -24,11 +27,9 @@ CURVATURES = ("ggn", "hessian")
 #: Basis vectors pushed through one product when building a dense Hessian.
 DENSE_BLOCK = 256
 
-#: Memory one vmapped product call may spend on activations. A product with k vectors over b
-#: points keeps ≈ PRODUCT_OVERHEAD · k · b · (one point's activations) alive, so b is chosen to
-#: fit this; small models then take many points per call (per-call overhead amortised), large
-#: ones few (a convolutional model's activations dominate its memory).
-PRODUCT_MEMORY_BYTES = 256 * 2**20
+#: Copies of one point's (C, p) Jacobian alive while the GGN factor is built (jacrev's rows, the
+#: B·J product and its reshaped output).
+JACOBIAN_COPIES = 3
 
 #: Saved tensors per activation element in a forward-over-reverse product (measured ≈ 4.4 on
 #: the Fashion-MNIST CNN: forward values, tangents and the backward's saved inputs); rounded up.
@@ -78,40 +79,49 @@ def resolve_shrinkage(shrinkage: float | str, m: int) -> float:
 
 
 class CurvatureOperator:
-    """The linear map v ↦ C v for a fixed model, subset (x, y) and weights w (Σ w = 1)."""
+    """The linear map v ↦ C v for a fixed model, subset and weights w (Σ w = 1).
+
+    ``x`` holds the subset's model inputs (a tensor, or any structure of tensors with the points
+    along dimension 0) and ``y`` its targets; both are kept whole (m points). ``weight_decay``
+    defaults to the task's. ``budget`` sizes the vmapped product calls and the factor chunks.
+    The operator caches nothing but the (p,) diagonal: a solver that wants the GGN factor
+    builds it (:meth:`ggn_factor`) and owns it.
+    """
 
     def __init__(
         self,
         fm: FunctionalModel,
-        x: Tensor,
-        y: Tensor,
+        x: Any,
+        y: Any,
         weights: Tensor,
         *,
         kind: str = "ggn",
-        weight_decay: float = 0.0,
+        weight_decay: float | None = None,
         shrinkage: float = 0.0,
-        chunk_size: int = 512,
+        budget: MemoryBudget | None = None,
     ) -> None:
         if kind not in CURVATURES:
             known = ", ".join(CURVATURES)
             raise ValueError(f"unknown curvature {kind!r}; known curvatures: {known}")
-        if x.shape[0] == 0:
+        if batch_len(y) == 0:
             raise ValueError("the curvature subset is empty; use a non-empty pool")
         self.fm = fm
-        self.x = x.to(fm.device)
-        self.y = y.to(fm.device)
+        self.x = _to(x, fm)
+        self.y = _to(y, fm)
         self.weights = weights.to(device=fm.device, dtype=fm.dtype)
         self.kind = kind
-        self.weight_decay = float(weight_decay)
+        wd = fm.task.weight_decay if weight_decay is None else weight_decay
+        self.weight_decay = float(wd)
         if not 0.0 <= shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
         if shrinkage and kind != "ggn":
             raise ValueError("shrinkage needs curvature='ggn' (it uses the GGN's diagonal)")
         self.shrinkage = float(shrinkage)
-        self.chunk_size = chunk_size
-        self._factor: Tensor | None = None
+        # A product with k vectors over b points keeps ≈ PRODUCT_OVERHEAD·k·b·(one point's
+        # activations) alive, so b is chosen to fit the budget (default: a share of free memory)
+        self.budget = budget or MemoryBudget.resolve(None, fm.device)
         self._diag: Tensor | None = None
-        self._pair_bytes: int | None = None  # bytes one (point, vector) pair costs in a product
+        self._activation_numel: int | None = None  # one point's activations, measured once
         self.num_products = 0  # how many products this operator has computed (for benchmarks)
 
     @property
@@ -120,18 +130,25 @@ class CurvatureOperator:
 
     @property
     def n(self) -> int:
-        return self.x.shape[0]
+        return batch_len(self.y)
+
+    @property
+    def output_dim(self) -> int:
+        """Size of one point's model output (classes, for a classifier)."""
+        with torch.no_grad():
+            return int(self.fm.output(self.fm.theta, take(self.x, slice(0, 1))).shape[-1])
 
     def restrict(self, local: Tensor, weights: Tensor) -> CurvatureOperator:
         """The same curvature on rows ``local`` of this subset with new weights (e.g. a batch)."""
         sub = CurvatureOperator(
-            self.fm, self.x[local], self.y[local], weights, kind=self.kind,
-            weight_decay=self.weight_decay, shrinkage=self.shrinkage, chunk_size=self.chunk_size,
+            self.fm, take(self.x, local), take(self.y, local), weights, kind=self.kind,
+            weight_decay=self.weight_decay, shrinkage=self.shrinkage, budget=self.budget,
         )
-        sub._pair_bytes = self._pair_cost()  # same model: measured once, not per batch
+        sub._activation_numel = self._activations()  # same model: measured once, not per batch
+        sub._diag = self._diag if self.shrinkage else None
         return sub
 
-    def _chunk_product(self, x: Tensor, y: Tensor, w: Tensor, v: Tensor) -> Tensor:
+    def _chunk_product(self, x: Any, y: Any, w: Tensor, v: Tensor) -> Tensor:
         theta = self.fm.theta
         if self.kind == "hessian":
             def weighted_loss(t: Tensor) -> Tensor:
@@ -152,29 +169,23 @@ class CurvatureOperator:
         return self.matmat(v[None])[0]
 
     def matmat(self, vs: Tensor) -> Tensor:
-        """C V for (k, p) rows: one pass over the subset, the rows vmapped together.
-
-        Once the GGN factor A exists (``dense``, ``diagonal`` or the Woodbury solver built it)
-        the product is Aᵀ(A V), two matrix products, instead of a pass through the model.
-        """
+        """C V for (k, p) rows: one pass over the subset, the rows vmapped together."""
         self.num_products += vs.shape[0]
-        if self.kind == "ggn" and self._factor is not None:
-            out = (vs @ self._factor.T) @ self._factor
-        else:
-            out = self._pass(vs)
+        out = self._pass(vs)
         if self.shrinkage:
             out = (1.0 - self.shrinkage) * out + self.shrinkage * self.diagonal() * vs
         return out + self.weight_decay * vs if self.weight_decay else out
 
     def _pass(self, vs: Tensor) -> Tensor:
-        """Σ_i w_i (curvature of point i) V through the model, as many
-        (point, row) pairs per vmapped call as PRODUCT_MEMORY_BYTES allows."""
+        """Σ_i w_i (curvature of point i) V through the model, as many (point, row) pairs per
+        vmapped call as the budget allows."""
         k = vs.shape[0]
-        step = self.chunk_size if k == 1 else self._points_per_call(k)
+        step = self._points_per_call(k)
         batched = vmap(self._chunk_product, in_dims=(None, None, None, 0))
         out = torch.zeros_like(vs)
         for s in range(0, self.n, step):
-            x, y, w = self.x[s : s + step], self.y[s : s + step], self.weights[s : s + step]
+            rows = slice(s, s + step)
+            x, y, w = take(self.x, rows), take(self.y, rows), self.weights[rows]
             if k == 1:
                 out[0] += self._chunk_product(x, y, w, vs[0])
                 continue
@@ -184,46 +195,63 @@ class CurvatureOperator:
                 out += torch.stack([self._chunk_product(x, y, w, v) for v in vs])
         return out
 
+    def _activations(self) -> int:
+        if self._activation_numel is None:
+            self._activation_numel = self.fm.activation_numel(self.x)
+        return self._activation_numel
+
     def _pair_cost(self) -> int:
-        """Bytes one (point, vector) pair keeps alive in a product; measured once per model."""
-        if self._pair_bytes is None:
-            numel = self.fm.activation_numel(self.x)
-            self._pair_bytes = PRODUCT_OVERHEAD * numel * self.fm.theta.element_size()
-        return self._pair_bytes
+        """Bytes one (point, vector) pair keeps alive in a product."""
+        return PRODUCT_OVERHEAD * self._activations() * self.fm.theta.element_size()
 
     def _points_per_call(self, k: int) -> int:
-        """Points per vmapped call for k vectors, to stay within PRODUCT_MEMORY_BYTES."""
-        return max(1, min(self.n, PRODUCT_MEMORY_BYTES // (self._pair_cost() * k)))
+        """Points per vmapped call for k vectors, to stay within the budget."""
+        return self.budget.rows(self._pair_cost() * k, limit=self.n)
+
+    def factor_bytes(self) -> int:
+        """Bytes of the (n·C, p) GGN factor (:meth:`ggn_factor`)."""
+        return self.n * self.output_dim * self.size * self.fm.theta.element_size()
 
     def diagonal(self) -> Tensor:
-        """(p,) diagonal of the subset GGN Σ w_i J_iᵀΛ_iJ_i (no weight decay, no shrinkage)."""
+        """(p,) diagonal of the subset GGN Σ w_i J_iᵀΛ_iJ_i (no weight decay, no shrinkage),
+        summed chunk by chunk from the factor's rows without keeping them; cached."""
         if self._diag is None:
-            self._diag = self.ggn_factor().pow(2).sum(0)
+            diag = torch.zeros(self.size, dtype=self.fm.dtype, device=self.fm.device)
+            for rows in self._factor_chunks():
+                diag += rows.pow(2).sum(0)
+            self._diag = diag
         return self._diag
 
     def ggn_factor(self) -> Tensor:
         """(n·C, p) matrix A with AᵀA = Σ_i w_i J_iᵀ Λ_i J_i (the GGN without weight decay).
 
-        Rows i·C … i·C + C − 1 are √w_i B_i J_i, with B_i the task's factor of Λ_i. Computed
-        once and kept.
+        Rows i·C … i·C + C − 1 are √w_i B_i J_i, with B_i the task's factor of Λ_i. Built anew on
+        each call into one preallocated matrix; the caller owns it.
         """
-        if self._factor is None:
-            self._factor = torch.cat(list(self._factor_chunks()))
-        return self._factor
+        out = torch.empty(
+            self.n * self.output_dim, self.size, dtype=self.fm.dtype, device=self.fm.device
+        )
+        s = 0
+        for rows in self._factor_chunks():
+            out[s : s + rows.shape[0]] = rows
+            s += rows.shape[0]
+        return out
 
     def _factor_chunks(self) -> Iterator[Tensor]:
-        """The rows of :meth:`ggn_factor`, chunk_size points at a time."""
+        """The rows of :meth:`ggn_factor`, as many points at a time as the budget allows."""
         if self.kind != "ggn":
             raise ValueError("ggn_factor needs curvature='ggn' (the Hessian has no such factor)")
         fm = self.fm
 
-        def single(theta: Tensor, xi: Tensor) -> Tensor:
-            return fm.output(theta, xi.unsqueeze(0)).squeeze(0)
+        def single(theta: Tensor, xi: Any) -> Tensor:
+            return fm.output(theta, take(xi, None)).squeeze(0)  # t[None]: a batch of one
 
         jac = vmap(jacrev(single), in_dims=(None, 0))
-        for s in range(0, self.n, self.chunk_size):
-            x, y = self.x[s : s + self.chunk_size], self.y[s : s + self.chunk_size]
-            w = self.weights[s : s + self.chunk_size]
+        per_point = JACOBIAN_COPIES * self.output_dim * self.size * fm.theta.element_size()
+        step = self.budget.rows(per_point + self._pair_cost(), limit=self.n)
+        for s in range(0, self.n, step):
+            rows = slice(s, s + step)
+            x, y, w = take(self.x, rows), take(self.y, rows), self.weights[rows]
             j = jac(fm.theta, x)  # (b, C, p)
             with torch.no_grad():
                 b = fm.task.output_hessian_factor(fm.output(fm.theta, x), y)  # (b, C, C)
@@ -231,18 +259,15 @@ class CurvatureOperator:
 
     def dense(self) -> Tensor:
         """The (p, p) matrix C, symmetric. The GGN is summed chunk by chunk (AᵀA without
-        keeping A, unless another caller already built it); the Hessian is formed from
-        products with basis vectors and symmetrised to remove round-off asymmetry."""
+        keeping A); the Hessian is formed from products with basis vectors and symmetrised to
+        remove round-off asymmetry."""
         if self.kind == "ggn":
-            if self._factor is not None:
-                m = gram(self._factor)
-            else:
-                m = torch.zeros(self.size, self.size, dtype=self.fm.dtype, device=self.fm.device)
-                diag = torch.zeros(self.size, dtype=self.fm.dtype, device=self.fm.device)
-                for rows in self._factor_chunks():
-                    gram(rows, out=m)
-                    diag += rows.pow(2).sum(0)
-                self._diag = diag
+            m = torch.zeros(self.size, self.size, dtype=self.fm.dtype, device=self.fm.device)
+            diag = torch.zeros(self.size, dtype=self.fm.dtype, device=self.fm.device)
+            for rows in self._factor_chunks():
+                gram(rows, out=m)
+                diag += rows.pow(2).sum(0)
+            self._diag = diag
             m.mul_(1.0 - self.shrinkage)
             m.diagonal().add_(self.weight_decay + self.shrinkage * self.diagonal())
             return m
@@ -251,3 +276,8 @@ class CurvatureOperator:
         cols = [self.matmat(eye[s : s + DENSE_BLOCK]) for s in range(0, p, DENSE_BLOCK)]
         m = torch.cat(cols, dim=0)
         return 0.5 * (m + m.T)
+
+
+def _to(batch: Any, fm: FunctionalModel) -> Any:
+    """Move a batch's tensors to the model's device; floating ones to its dtype."""
+    return to_device(batch, fm.device, fm.dtype)

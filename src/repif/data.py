@@ -1,15 +1,164 @@
-"""Turning the ways a user may pass data into ``(x, y)`` tensors."""
+"""Training data as batches: tensors, or a torch ``Dataset`` of any item structure.
+
+A *batch* is whatever the collate function makes of some items — a tuple ``(x, y)``, a longer
+tuple, a dict (``{"input_ids": …, "labels": …}``), nested structures — as long as every leaf is a
+tensor whose first dimension indexes the points. repif never holds the whole training set as one
+batch: :class:`DataSource` streams it in chunks sized by the memory budget, and only the sampled
+curvature subset (m points) is ever collated whole (docs/design.md, "Scale").
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Subset as _TorchSubset
+
+Batch = Any
+Collate = Callable[[list[Any]], Batch]
+
+
+def batch_len(batch: Batch) -> int:
+    """Number of points in a batch: the first dimension of its first tensor leaf."""
+    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
+    if not leaves:
+        raise TypeError(f"a batch must hold tensors, got {type(batch).__name__} without any")
+    return int(leaves[0].shape[0]) if leaves[0].ndim else 1
+
+
+def take(batch: Batch, rows: Tensor | slice) -> Batch:
+    """Rows ``rows`` of every tensor leaf of ``batch``."""
+    return tree_map(lambda t: t[rows] if isinstance(t, Tensor) else t, batch)
+
+
+def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None = None) -> Batch:
+    """Move every tensor leaf to ``device``; floating-point leaves also become ``dtype``
+    (the model's), integer leaves (labels, token ids) keep theirs."""
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device)
+
+    return tree_map(move, batch)
+
+
+def concat(batches: list[Batch]) -> Batch:
+    """Concatenate batches of the same structure along the point dimension."""
+    leaves0, spec = tree_flatten(batches[0])
+    columns = [tree_flatten(b)[0] for b in batches]
+    joined = [
+        torch.cat([c[i] for c in columns]) if isinstance(leaves0[i], Tensor) else leaves0[i]
+        for i in range(len(leaves0))
+    ]
+    return tree_unflatten(joined, spec)
+
+
+class DataSource:
+    """Indexable training (or test) data, gathered by index and streamed in chunks.
+
+    ``data`` is a tuple of equal-length tensors (``(x, y)``: the fast path), a torch ``Dataset``
+    of items of any structure (collated by ``collate_fn``, default torch's ``default_collate``),
+    or a ``DataLoader`` (its dataset and collate function are used; its batch size caps the
+    chunk size). ``batch_size`` caps how many points one chunk holds (the memory budget may make
+    chunks smaller); ``num_workers`` loads items in background processes as a DataLoader does.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        *,
+        collate_fn: Collate | None = None,
+        batch_size: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        self.tensors: tuple[Tensor, ...] | None = None
+        self.dataset: Any = None
+        if isinstance(data, DataLoader):
+            collate_fn = collate_fn or data.collate_fn
+            batch_size = batch_size or data.batch_size
+            data = data.dataset
+        if isinstance(data, (tuple, list)) and len(data) >= 2 and all(
+            isinstance(t, Tensor) for t in data
+        ):
+            rows = [int(t.shape[0]) if t.ndim else -1 for t in data]
+            if len(set(rows)) != 1 or -1 in rows:
+                raise ValueError(
+                    f"x has {rows[0]} rows but y has {rows[-1]}; they must match (one row per "
+                    "point in every tensor)"
+                )
+            self.tensors = tuple(data)
+        elif isinstance(data, Dataset) or (
+            hasattr(data, "__getitem__") and hasattr(data, "__len__")
+        ):
+            self.dataset = data
+        else:
+            raise TypeError(
+                "data must be a tuple (x, y) of tensors, a torch Dataset or a DataLoader, got "
+                f"{type(data).__name__}"
+            )
+        if len(self) == 0:
+            raise ValueError("the dataset is empty; pass at least one point")
+        self.collate_fn: Collate = collate_fn or default_collate
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.num_workers = int(num_workers)
+
+    def __len__(self) -> int:
+        if self.tensors is not None:
+            return int(self.tensors[0].shape[0])
+        return len(self.dataset)
+
+    def gather(self, indices: Tensor) -> Batch:
+        """One collated batch of points ``indices`` (1-D int64, on the CPU), in that order."""
+        idx = indices.cpu()
+        if self.tensors is not None:
+            return tuple(t[idx.to(t.device)] for t in self.tensors)
+        items = [self.dataset[int(i)] for i in idx]
+        if not items:
+            raise ValueError("no points to gather; pass at least one index")
+        return self.collate_fn(items)
+
+    def chunk_rows(self, budget_rows: int) -> int:
+        """Points per chunk: the budget's figure, capped by the user's ``batch_size``."""
+        rows = max(1, int(budget_rows))
+        return min(rows, self.batch_size) if self.batch_size else rows
+
+    def batches(self, indices: Tensor, rows: int) -> Iterator[tuple[int, Batch]]:
+        """(offset into ``indices``, batch) for consecutive chunks of at most ``rows`` points."""
+        idx = indices.cpu()
+        rows = self.chunk_rows(rows)
+        if self.tensors is not None or self.num_workers == 0:
+            for s in range(0, idx.numel(), rows):
+                yield s, self.gather(idx[s : s + rows])
+            return
+        loader = DataLoader(
+            _TorchSubset(self.dataset, idx.tolist()), batch_size=rows, shuffle=False,
+            collate_fn=self.collate_fn, num_workers=self.num_workers,
+        )
+        offset = 0
+        for batch in loader:
+            yield offset, batch
+            offset += batch_len(batch)
+
+    def first(self) -> Batch:
+        """A batch holding the first point (to probe shapes and activation sizes)."""
+        return self.gather(torch.zeros(1, dtype=torch.long))
 
 
 def as_tensors(data: Any) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` tuple/list of tensors or a torch ``Dataset`` of ``(x, y)`` pairs → (x, y)."""
+    """``(x, y)`` tuple/list of tensors or a torch ``Dataset`` of ``(x, y)`` pairs → (x, y).
+
+    Holds everything in memory: fine for training the small reference models; the influence
+    computations stream through :class:`DataSource` instead.
+    """
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(
         isinstance(t, Tensor) for t in data
     ):

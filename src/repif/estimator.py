@@ -11,30 +11,42 @@ Conventions (used everywhere in repif):
   about −I(z, z_t)/n.
 * ``self_influence(i)`` = I(z_i, z_i) = −∇l_iᵀ(C + λI)⁻¹∇l_i (≤ 0 for PSD curvature; a larger
   magnitude means the point is more self-supporting, e.g. mislabelled or atypical).
+* Data are streamed: training and test data may be ``(x, y)`` tensors or a torch ``Dataset``
+  (or ``DataLoader``) of items of any structure; every pass goes chunk by chunk, each chunk
+  sized by one memory budget (``max_memory``); only the curvature subset is held whole.
 """
 
 from __future__ import annotations
 
 import copy
-import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from repif import samplers as _samplers
 from repif import solvers as _solvers
-from repif.curvature import CURVATURES, CurvatureOperator, resolve_shrinkage
-from repif.data import as_tensors
-from repif.gradients import DEFAULT_CHUNK, per_sample_gradients
+from repif.curvature import CURVATURES, resolve_shrinkage
+from repif.data import DataSource
+from repif.fitting import CurvatureFitter, FitOptions, FittedCurvature
+from repif.gradients import CostModel, split_batch, stream_gradients
+from repif.memory import MemoryBudget
 from repif.samplers import Pool, Subset
-from repif.task import ClassificationTask, FunctionalModel
-from repif.validation import check_finite, check_indices, check_vector
+from repif.task import ClassificationTask, FunctionalModel, Task
+from repif.unlearning import newton_removal
+from repif.validation import check_finite, check_finite_number, check_indices, check_vector
 
 #: Default damping λ: small against typical GGN eigenvalues of a trained classifier (order 1),
 #: large enough to keep (C + λI) well conditioned in the directions the subset does not see.
 DEFAULT_DAMPING = 1e-2
+
+#: (k, p) blocks an iterative solver keeps per right-hand side (CG: x, r, d, C·d and the
+#: input), used to size the chunks whose gradients go through a solve (self-influence).
+SOLVER_ROW_COPIES = 6
 
 
 @dataclass(frozen=True)
@@ -50,10 +62,15 @@ class TopK:
 class InfluenceEstimator:
     """Influence functions with curvature estimated on a sampled subset of the training data.
 
-    ``train`` is ``(x, y)`` or a torch ``Dataset`` of ``(x, y)`` pairs. The caller's model is
-    copied (and put in eval mode); it is never modified. ``fit(pool)`` draws the curvature subset
-    from ``pool`` and prepares the solver; every method that needs it fits on all training points
-    first if you have not called ``fit``. Extra keyword arguments go to the solver.
+    ``train`` is ``(x, y)``, a torch ``Dataset`` of items of any structure (tuples, dicts;
+    collated by ``collate_fn``) or a ``DataLoader``. ``task`` says how a batch becomes model
+    inputs, targets and per-sample losses, and holds the objective's ``weight_decay`` (the
+    ``weight_decay=`` argument sets it on the default task). ``max_memory`` (bytes; default a
+    quarter of the free RAM or GPU memory) sizes every streamed chunk; ``batch_size`` caps it.
+    The caller's model is copied (and put in eval mode); it is never modified. ``fit(pool)``
+    draws the curvature subset from ``pool`` and prepares the solver; every method that needs it
+    fits on all training points first if you have not called ``fit``. Extra keyword arguments
+    go to the solver.
     """
 
     def __init__(
@@ -67,11 +84,16 @@ class InfluenceEstimator:
         sampler: str = "random",
         sample_size: int | None = None,
         seed: int = 0,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = None,
         shrinkage: float | str = 0.0,
-        task: ClassificationTask | None = None,
+        task: Task | None = None,
         device: str | torch.device | None = None,
-        chunk_size: int = DEFAULT_CHUNK,
+        max_memory: int | MemoryBudget | None = None,
+        batch_size: int | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        num_workers: int = 0,
+        progress: bool | None = False,
+        chunk_size: int | None = None,
         sampler_options: dict[str, Any] | None = None,
         **solver_options: Any,
     ) -> None:
@@ -79,20 +101,27 @@ class InfluenceEstimator:
             raise ValueError(
                 f"unknown curvature {curvature!r}; known curvatures: {', '.join(CURVATURES)}"
             )
+        check_finite_number(damping, "damping")
         if not damping >= 0:
             raise ValueError(f"damping must be ≥ 0, got {damping}; a typical value is 1e-3–1e-1")
         if sample_size is not None and (isinstance(sample_size, bool) or sample_size <= 0):
             raise ValueError(
                 f"sample_size must be a positive integer or None (whole pool), got {sample_size!r}"
             )
+        if sample_size is not None:
+            resolve_shrinkage(shrinkage, int(sample_size))  # a bad value fails here, not at fit
+        if chunk_size is not None:
+            warnings.warn("chunk_size is deprecated: chunks are sized by max_memory; "
+                          "batch_size caps them", DeprecationWarning, stacklevel=2)
+            batch_size = batch_size or chunk_size
         _solvers.build(solver, solver_options)  # unknown names or options fail here, not at fit
         self.sampler = _samplers.build(sampler, sampler_options)
         self.curvature, self.damping, self.solver_name = curvature, float(damping), solver
         self.sampler_name, self.sample_size, self.seed = sampler, sample_size, seed
-        self.weight_decay, self.chunk_size = float(weight_decay), chunk_size
         self.shrinkage = shrinkage
         self.solver_options = solver_options
-        self.task = task or ClassificationTask()
+        self.task = _resolve_task(task, weight_decay)
+        self.progress = progress
 
         params = list(model.parameters())
         dev = torch.device(device) if device is not None else (
@@ -102,15 +131,24 @@ class InfluenceEstimator:
         for name, p in self.model.named_parameters():
             check_finite(p.detach(), f"model parameter {name!r}")
         self.fm = FunctionalModel(self.model, self.task)
-        x, y = as_tensors(train)
-        check_finite(x, "training inputs")
-        self.x, self.y = x.to(dev, self.fm.dtype), y.to(dev)
+        self.budget = MemoryBudget.resolve(max_memory, dev)
+        self.source = DataSource(train, collate_fn=collate_fn, batch_size=batch_size,
+                                 num_workers=num_workers)
+        if self.source.tensors is not None:
+            check_finite(self.source.tensors[0], "training inputs")
+        inputs, targets = split_batch(self.fm, self.source.first())
         with torch.no_grad():
-            self.output_dim = int(self.fm.output(self.fm.theta, self.x[:1]).shape[-1])
-        self.task.check_targets(self.y, self.output_dim)
-        self._subset: Subset | None = None
-        self._solver: _solvers.Solver | None = None
-        self.timings: dict[str, float] = {}
+            self.output_dim = int(self.fm.output(self.fm.theta, inputs).shape[-1])
+        if self.source.tensors is not None and type(self.task).split is Task.split:
+            self.task.check_targets(self.source.tensors[-1], self.output_dim)
+        else:
+            self.task.check_targets(targets, self.output_dim)
+        self.cost = CostModel(self.fm, inputs)
+        options = FitOptions(curvature, float(damping), solver, dict(solver_options),
+                             self.sampler, sample_size, seed, shrinkage)
+        self.fitter = CurvatureFitter(self.fm, self.source, options, self.budget, self.cost,
+                                      self.output_dim)
+        self._fitted: FittedCurvature | None = None
 
     # ------------------------------------------------------------------ fitting
     @property
@@ -119,130 +157,154 @@ class InfluenceEstimator:
 
     @property
     def n_train(self) -> int:
-        return int(self.x.shape[0])
+        return len(self.source)
+
+    @property
+    def weight_decay(self) -> float:
+        """The objective's L2 coefficient (the task's)."""
+        return self.task.weight_decay
 
     def pool(self, indices: Tensor | None = None) -> Pool:
         """A :class:`Pool` over ``indices`` (default: all training points)."""
-        idx = torch.arange(self.n_train) if indices is None else check_indices(
-            indices, self.n_train, "pool indices"
-        )
-        if idx.numel() != torch.unique(idx).numel():
-            raise ValueError("pool indices contain duplicates; pass each training index once")
-        idx = idx.cpu()
-        return Pool(idx, self.y[idx.to(self.y.device)].cpu(), self.output_dim,
-                    stats=lambda: self.logits_and_features(idx))
+        return self.fitter.pool(indices)
 
     def logits_and_features(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """One streaming forward pass → (k, C) logits and (k, d) penultimate features (CPU)."""
-        outs, feats = [], []
-        for s in range(0, indices.numel(), 4 * self.chunk_size):
-            part = indices[s : s + 4 * self.chunk_size].to(self.x.device)
-            o, f = self.fm.logits_and_features(self.x[part])
-            outs.append(o.cpu())
-            feats.append(f.cpu())
-        return torch.cat(outs), torch.cat(feats)
+        logits, feats, _ = self.fitter.pool_statistics(check_indices(indices, self.n_train))
+        return logits, feats
 
     def fit(self, pool: Tensor | None = None) -> InfluenceEstimator:
         """Draw the curvature subset from ``pool`` (training indices) and prepare the solver."""
-        self._subset, self._solver, self.timings = self.draw(pool)
+        self._fitted = self.fitter.draw(pool)
         return self
 
-    def draw(
-        self, pool: Tensor | None = None
-    ) -> tuple[Subset, _solvers.Solver, dict[str, float]]:
-        """A subset of ``pool``, a solver prepared on it and their timings, without storing them
-        (``fit`` stores them)."""
-        t0 = time.perf_counter()
-        p = self.pool(pool)
-        if len(p) == 0:
-            raise ValueError("the pool is empty; pass at least one training index")
-        if self.sample_size is None:
-            uniform = torch.full((len(p),), 1.0 / len(p), dtype=torch.float64)
-            subset = Subset(p.indices.clone(), uniform)
-        else:
-            subset = self.sampler.select(p, self.sample_size, self.seed)
-        t1 = time.perf_counter()
-        solver = self._prepare_solver(self.fm, subset)
-        return subset, solver, {"sample_s": t1 - t0, "solver_fit_s": time.perf_counter() - t1}
+    def draw(self, pool: Tensor | None = None) -> FittedCurvature:
+        """A subset of ``pool`` and a solver prepared on it, without storing them (``fit``
+        stores them)."""
+        return self.fitter.draw(pool)
 
-    def _prepare_solver(self, fm: FunctionalModel, subset: Subset) -> _solvers.Solver:
-        idx = subset.indices.to(self.x.device)
-        sampled = self.sample_size is not None
-        op = CurvatureOperator(
-            fm, self.x[idx], self.y[idx], subset.weights,
-            kind=self.curvature, weight_decay=self.weight_decay,
-            shrinkage=resolve_shrinkage(self.shrinkage, len(subset)) if sampled else 0.0,
-        )
-        options = dict(self.solver_options)
-        if "seed" in _solvers.accepted_options(self.solver_name):
-            options.setdefault("seed", self.seed)  # LiSSA batches, Lanczos start vector
-        return _solvers.build(self.solver_name, options).fit(op, self.damping)
-
-    def _ensure_fitted(self) -> _solvers.Solver:
-        if self._solver is None:
+    @property
+    def fitted(self) -> FittedCurvature:
+        """The fitted curvature: subset, solver and timings (fits on all points first if
+        needed)."""
+        if self._fitted is None:
             self.fit()
-        assert self._solver is not None
-        return self._solver
+        assert self._fitted is not None
+        return self._fitted
 
     @property
     def subset(self) -> Subset:
         """The curvature subset (fits on all training points first if needed)."""
-        self._ensure_fitted()
-        assert self._subset is not None
-        return self._subset
+        return self.fitted.subset
 
     @property
     def solver(self) -> _solvers.Solver:
-        return self._ensure_fitted()
+        return self.fitted.solver
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.fitted.timings if self._fitted is not None else {}
 
     # ------------------------------------------------------------------ products
     def inverse_hvp(self, vec: Tensor) -> Tensor:
         """(C + λI)⁻¹ vec for a (p,) or (k, p) vector; same shape out."""
         rows = check_vector(vec, self.num_params, "vector")
-        out = self._ensure_fitted().solve(rows.to(self.fm.device, self.fm.dtype))
+        out = self.fitted.solve(rows.to(self.fm.device, self.fm.dtype))
+        if not bool(torch.isfinite(out).all()):
+            raise ArithmeticError(
+                f"solver {self.solver_name!r} returned non-finite values; raise the damping "
+                f"(now {self.damping}) or use curvature='ggn'"
+            )
         return out.reshape(vec.shape)
+
+    def _indices(self, indices: Any) -> Tensor:
+        if indices is None:
+            return torch.arange(self.n_train)
+        return check_indices(indices, self.n_train)
+
+    def _bar(self, total: int, desc: str) -> tqdm:
+        disable = None if self.progress is None else not self.progress
+        return tqdm(total=total, desc=desc, unit="pt", disable=disable, leave=False)
+
+    def _gradients(self, source: DataSource, idx: Tensor, measure: str = "loss") -> Tensor:
+        out = torch.empty(idx.numel(), self.num_params, dtype=self.fm.dtype, device=self.fm.device)
+        for offset, g in stream_gradients(self.fm, source, idx, self.budget, self.cost,
+                                          measure=measure):
+            out[offset : offset + g.shape[0]] = g
+        return out
 
     def train_gradients(self, indices: Tensor | None = None) -> Tensor:
         """(k, p) per-sample loss gradients of training points ``indices`` (default all)."""
-        idx = torch.arange(self.n_train) if indices is None else check_indices(
-            indices, self.n_train
-        )
-        idx = idx.to(self.x.device)
-        return per_sample_gradients(self.fm, self.x[idx], self.y[idx], chunk_size=self.chunk_size)
+        return self._gradients(self.source, self._indices(indices))
 
-    def test_gradients(self, test: Any) -> Tensor:
-        """(n, p) per-sample loss gradients of arbitrary points ``(x, y)``."""
-        x, y = as_tensors(test)
-        check_finite(x, "test inputs")
-        self.task.check_targets(y, self.output_dim)
-        return per_sample_gradients(
-            self.fm, x.to(self.fm.device, self.fm.dtype), y.to(self.fm.device),
-            chunk_size=self.chunk_size,
-        )
+    def _test_source(self, test: Any) -> DataSource:
+        source = test if isinstance(test, DataSource) else DataSource(
+            test, collate_fn=self.source.collate_fn, batch_size=self.source.batch_size)
+        if source.tensors is not None:
+            check_finite(source.tensors[0], "test inputs")
+            if type(self.task).split is Task.split:
+                self.task.check_targets(source.tensors[-1], self.output_dim)
+        return source
+
+    def test_gradients(self, test: Any, measure: str = "loss") -> Tensor:
+        """(n, p) per-sample gradients of arbitrary points (``(x, y)`` or a Dataset) of their
+        loss, or of the task's query measurement with ``measure="query"``."""
+        source = self._test_source(test)
+        return self._gradients(source, torch.arange(len(source)), measure)
 
     def influence(self, test: Any, train_indices: Tensor | None = None) -> Tensor:
-        """(n_test, n_train) scores I(z_j, z_t) = −∇l(z_t)ᵀ(C + λI)⁻¹∇l(z_j) (see module doc)."""
-        v_test = self.inverse_hvp(self.test_gradients(test))
-        idx = torch.arange(self.n_train) if train_indices is None else check_indices(
-            train_indices, self.n_train
-        )
-        scores = []
-        for s in range(0, idx.numel(), 4 * self.chunk_size):
-            g = self.train_gradients(idx[s : s + 4 * self.chunk_size])
-            scores.append(-(v_test @ g.T))
-        return torch.cat(scores, dim=1)
+        """(n_test, n_train) scores I(z_j, z_t) = −∇q(z_t)ᵀ(C + λI)⁻¹∇l(z_j) (see module doc;
+        q is the task's query, the loss by default).
+
+        The test side (C + λI)⁻¹∇q (the "influence factors") is computed once per block of test
+        points that fits in half the budget; training gradients then stream past it in chunks,
+        so peak memory does not grow with the number of training points.
+        """
+        source = self._test_source(test)
+        idx = self._indices(train_indices)
+        n_test, item = len(source), self.cost.itemsize
+        factor_row = (1 + SOLVER_ROW_COPIES) * self.num_params * item
+        test_rows = min(n_test, max(1, (self.budget.bytes // 2) // factor_row))
+        scores = torch.empty(n_test, idx.numel(), dtype=self.fm.dtype)
+        bar = self._bar(idx.numel() * -(-n_test // test_rows), "influence")
+        for t0 in range(0, n_test, test_rows):
+            block = torch.arange(t0, min(n_test, t0 + test_rows))
+            factors = self.inverse_hvp(self._gradients(source, block, "query"))
+            fixed = factors.numel() * item
+            for offset, g in stream_gradients(self.fm, self.source, idx, self.budget, self.cost,
+                                              extra_row_bytes=block.numel() * item,
+                                              fixed_bytes=fixed):
+                scores[block, offset : offset + g.shape[0]] = -(factors @ g.T).cpu()
+                bar.update(g.shape[0])
+            del factors
+        bar.close()
+        return scores
 
     def self_influence(self, indices: Tensor | None = None) -> Tensor:
-        """(k,) I(z_i, z_i) = −∇l_iᵀ(C + λI)⁻¹∇l_i for training points ``indices``."""
-        g = self.train_gradients(indices)
-        return -(g * self.inverse_hvp(g)).sum(dim=1)
+        """(k,) I(z_i, z_i) = −∇l_iᵀ(C + λI)⁻¹∇l_i for training points ``indices``, streamed."""
+        idx = self._indices(indices)
+        out = torch.empty(idx.numel(), dtype=self.fm.dtype)
+        solver_row = SOLVER_ROW_COPIES * self.num_params * self.cost.itemsize
+        bar = self._bar(idx.numel(), "self-influence")
+        for offset, g in stream_gradients(self.fm, self.source, idx, self.budget, self.cost,
+                                          extra_row_bytes=solver_row):
+            out[offset : offset + g.shape[0]] = -(g * self.inverse_hvp(g)).sum(dim=1).cpu()
+            bar.update(g.shape[0])
+        bar.close()
+        return out
 
     def top_k(self, test_point: Any, k: int = 10) -> TopK:
         """The ``k`` strongest proponents and opponents among the training points of one test
-        point ``(x, y)`` (x with or without a batch dimension of 1)."""
-        x, y = (torch.as_tensor(t) for t in test_point)
-        x, y = x.reshape(1, *self.x.shape[1:]), y.reshape(1)
-        scores = self.influence((x, y))[0]
+        point: ``(x, y)`` with x with or without a batch dimension of 1, or a batch of one."""
+        if isinstance(test_point, (tuple, list)) and len(test_point) == 2:
+            x, y = (torch.as_tensor(t) for t in test_point)
+            train_x = self.source.tensors[0] if self.source.tensors is not None else None
+            if train_x is not None and x.ndim == train_x.ndim - 1:
+                x = x.unsqueeze(0)
+            elif train_x is None and y.ndim == 0:
+                x = x.unsqueeze(0)
+            test_point = (x, y.reshape(1) if y.ndim == 0 else y)
+        scores = self.influence(test_point)[0]
         k = min(k, scores.numel())
         lo = torch.topk(scores, k, largest=False)
         hi = torch.topk(scores, k, largest=True)
@@ -257,6 +319,22 @@ class InfluenceEstimator:
         fitted, or its subset holds removed points, a subset of R is drawn for this call (with the
         same sampler, size and seed) and the estimator's own fit is left as it was.
         """
-        from repif.unlearning import newton_removal
+        return newton_removal(self.fitter, self._fitted, indices, scale=scale, steps=steps)
 
-        return newton_removal(self, indices, scale=scale, steps=steps)
+
+def _resolve_task(task: Task | None, weight_decay: float | None) -> Task:
+    """The task, with ``weight_decay`` set on the default one; a conflict is an error."""
+    if task is None:
+        return ClassificationTask(weight_decay=0.0 if weight_decay is None else weight_decay)
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a repif.Task, got {type(task).__name__}")
+    if weight_decay is not None and float(weight_decay) != task.weight_decay:
+        if task.weight_decay != 0.0:
+            raise ValueError(
+                f"weight_decay={weight_decay} disagrees with the task's "
+                f"weight_decay={task.weight_decay}; set it in one place (the task)"
+            )
+        task = copy.copy(task)
+        check_finite_number(weight_decay, "weight_decay")
+        task.weight_decay = float(weight_decay)
+    return task

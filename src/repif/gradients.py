@@ -1,35 +1,125 @@
-"""Per-sample loss gradients with ``torch.func.vmap(grad(...))``, chunked to bound memory."""
+"""Per-sample gradients with ``torch.func.vmap(grad(...))`` and streamed gradient sums.
+
+Chunk sizes come from one :class:`~repif.memory.MemoryBudget` and what one point costs: its
+activations (measured by a forward hook on one point) and, for per-sample gradients, its
+p-dimensional gradient (docs/design.md, "Scale").
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from repif.data import Batch, DataSource, batch_len, take, to_device
+from repif.memory import MemoryBudget
 from repif.task import FunctionalModel
 
-#: Samples per vmap call: memory grows as chunk × (activations + p); 256 keeps a 100k-parameter
-#: model well under 1 GB while amortising Python overhead.
-DEFAULT_CHUNK = 256
+#: Bytes of working memory one point's activations take in a forward+backward, per activation
+#: element and per element byte: forward values, their gradients and the values autograd saves
+#: (measured ≈ 2.5 on the reference CNN and ResNet; rounded up).
+BACKWARD_OVERHEAD = 3
+
+#: Copies of a p-dimensional gradient alive per point inside ``vmap(grad)``: the per-layer
+#: gradients, their flattened concatenation and the output row.
+GRAD_COPIES = 3
+
+
+class CostModel:
+    """What one point costs in a model's passes, measured once (one forward on one point)."""
+
+    def __init__(self, fm: FunctionalModel, inputs: Any) -> None:
+        self.fm = fm
+        self.activation_numel = fm.activation_numel(inputs)
+        self.itemsize = fm.theta.element_size()
+
+    @property
+    def activation_bytes(self) -> int:
+        """One point's activations, in bytes."""
+        return self.activation_numel * self.itemsize
+
+    def forward_row(self) -> int:
+        """Bytes one point holds in a no-grad forward."""
+        return 2 * self.activation_bytes
+
+    def backward_row(self) -> int:
+        """Bytes one point holds in an ordinary batched forward+backward."""
+        return BACKWARD_OVERHEAD * self.activation_bytes
+
+    def gradient_row(self) -> int:
+        """Bytes one point holds while its own gradient is computed (``vmap(grad)``)."""
+        return self.backward_row() + GRAD_COPIES * self.fm.space.size * self.itemsize
 
 
 def per_sample_gradients(
     fm: FunctionalModel,
-    x: Tensor,
-    y: Tensor,
+    inputs: Any,
+    targets: Any,
     *,
     theta: Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
+    measure: str = "loss",
 ) -> Tensor:
-    """(n, p) gradients ∇_θ l(z_i; θ) of each sample's loss, in the model's dtype and device."""
+    """(n, p) gradients ∇_θ l(z_i; θ) of each sample's loss (or query, ``measure="query"``),
+    for points already gathered into model inputs and targets; in the model's dtype and device.
+    ``chunk_size`` points go through one vmapped call (default: all of them)."""
     theta = fm.theta if theta is None else theta
-    g = vmap(grad(fm.sample_loss_fn()), in_dims=(None, 0, 0))
-    out = torch.empty(x.shape[0], fm.space.size, dtype=fm.dtype, device=fm.device)
-    for start in range(0, x.shape[0], chunk_size):
-        xs = x[start : start + chunk_size].to(fm.device)
-        ys = y[start : start + chunk_size].to(fm.device)
-        out[start : start + xs.shape[0]] = g(theta, xs, ys)
+    g = vmap(grad(fm.sample_fn(measure)), in_dims=(None, 0, 0))
+    n = batch_len(targets)
+    step = n if chunk_size is None else max(1, int(chunk_size))
+    out = torch.empty(n, fm.space.size, dtype=fm.dtype, device=fm.device)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        out[rows] = g(theta, take(inputs, rows), take(targets, rows))
     return out
+
+
+def split_batch(fm: FunctionalModel, batch: Batch) -> tuple[Any, Any]:
+    """A collated batch on the model's device and dtype, split into (inputs, targets)."""
+    return fm.task.split(to_device(batch, fm.device, fm.dtype))
+
+
+def stream_gradients(
+    fm: FunctionalModel,
+    source: DataSource,
+    indices: Tensor,
+    budget: MemoryBudget,
+    cost: CostModel,
+    *,
+    extra_row_bytes: int = 0,
+    fixed_bytes: int = 0,
+    measure: str = "loss",
+) -> Iterator[tuple[int, Tensor]]:
+    """(offset, (b, p) per-sample gradients) for consecutive chunks of ``indices``, each chunk
+    as large as the budget allows beside ``fixed_bytes`` when every row also keeps
+    ``extra_row_bytes`` (e.g. its scores)."""
+    rows = budget.rows(cost.gradient_row() + extra_row_bytes, fixed=fixed_bytes)
+    for offset, batch in source.batches(indices, rows):
+        inputs, targets = split_batch(fm, batch)
+        yield offset, per_sample_gradients(fm, inputs, targets, measure=measure)
+
+
+def sum_gradient(
+    fm: FunctionalModel,
+    source: DataSource,
+    indices: Tensor,
+    budget: MemoryBudget,
+    cost: CostModel,
+    *,
+    theta: Tensor | None = None,
+) -> Tensor:
+    """(p,) Σ_{i ∈ indices} ∇l(z_i; θ): one ordinary batched backward per budget-sized chunk."""
+    theta = (fm.theta if theta is None else theta).detach().requires_grad_(True)
+    total = torch.zeros_like(theta)
+    rows = budget.rows(cost.backward_row(), fixed=2 * theta.numel() * cost.itemsize)
+    for _, batch in source.batches(indices, rows):
+        inputs, targets = split_batch(fm, batch)
+        (g,) = torch.autograd.grad(fm.losses(theta, inputs, targets).sum(), theta)
+        total += g
+    return total.detach()
 
 
 def mean_gradient(
@@ -40,14 +130,13 @@ def mean_gradient(
     theta: Tensor | None = None,
     chunk_size: int = 1024,
 ) -> Tensor:
-    """(p,) gradient of the mean loss over (x, y), one ordinary backward per chunk."""
+    """(p,) gradient of the mean loss over in-memory ``(x, y)``, one backward per chunk."""
     theta = (fm.theta if theta is None else theta).detach().requires_grad_(True)
     total = torch.zeros_like(theta)
     n = x.shape[0]
     for start in range(0, n, chunk_size):
-        xs = x[start : start + chunk_size].to(fm.device)
-        ys = y[start : start + chunk_size].to(fm.device)
-        loss = fm.losses(theta, xs, ys).sum() / n
-        (g,) = torch.autograd.grad(loss, theta)
+        rows = slice(start, start + chunk_size)
+        xs, ys = to_device((x[rows], y[rows]), fm.device, fm.dtype)
+        (g,) = torch.autograd.grad(fm.losses(theta, xs, ys).sum() / n, theta)
         total += g
     return total

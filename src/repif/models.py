@@ -1,4 +1,4 @@
-"""Reference architectures: a tanh MLP, a small CNN and a tiny ResNet.
+"""Reference architectures: a tanh MLP, a small CNN, a tiny ResNet and the CIFAR ResNet-18.
 
 In every model the last ``nn.Linear`` (in ``model.modules()`` order) is the classifier head, so
 its input is the penultimate feature vector that the samplers use. Initialisation is
@@ -8,6 +8,7 @@ deterministic per ``seed`` and does not touch the global RNG state.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -89,6 +90,76 @@ class TinyResNet(nn.Module):
         return self.head(self.pool(self.blocks(self.stem(x))))
 
 
+class BasicBlock(nn.Module):
+    """He et al. (2016) basic block: conv3×3(stride)-BN-ReLU-conv3×3-BN plus a shortcut, then ReLU.
+
+    The shortcut is the identity when the shape is kept and a 1×1 conv (same stride) + BN
+    projection otherwise. ``(N, in_channels, H, W) → (N, out_channels, ⌈H/stride⌉, ⌈W/stride⌉)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+#: ResNet-18's stages: (channel multiple of the base width, stride of the first block). Each
+#: stage holds two :class:`BasicBlock` s; 1 + 4·2·2 convolutions + the head = 18 weight layers.
+RESNET18_STAGES = ((1, 1), (2, 2), (4, 2), (8, 2))
+RESNET18_BLOCKS_PER_STAGE = 2
+
+#: ResNet-18's base width: 64 is He et al.'s choice and the one every CIFAR-10 ResNet-18 figure
+#: (11.17 M parameters) refers to; smaller widths (e.g. 4–16) keep CPU tests and studies cheap.
+DEFAULT_RESNET18_WIDTH = 64
+
+
+class ResNet18(nn.Module):
+    """The CIFAR-style ResNet-18 (He et al. 2016, as used throughout the CIFAR-10 literature).
+
+    Stem: 3×3 conv (stride 1) + BN + ReLU, no max-pool. Four stages of two
+    :class:`BasicBlock` s with ``width``, 2·``width``, 4·``width``, 8·``width`` channels and
+    strides 1, 2, 2, 2; global average pooling; ``Linear(8·width → classes)`` head.
+    ``(N, C, H, W) → (N, num_classes)`` for any H, W ≥ 1 (28×28 MNIST, 8×8 digits, 32×32 CIFAR).
+    PyTorch's default initialisation. At ``width=64`` with 10 classes it has 11,173,962 parameters
+    on 3-channel and 11,172,810 on 1-channel inputs. Use ``eval()`` mode for influence work.
+    """
+
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, width: int = DEFAULT_RESNET18_WIDTH
+    ) -> None:
+        super().__init__()
+        c, _, _ = _chw(input_shape)
+        self.stem = nn.Sequential(
+            nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        stages: list[nn.Module] = []
+        channels = width
+        for multiple, stride in RESNET18_STAGES:
+            out = multiple * width
+            blocks = [BasicBlock(channels, out, stride)]
+            blocks += [BasicBlock(out, out) for _ in range(RESNET18_BLOCKS_PER_STAGE - 1)]
+            stages.append(nn.Sequential(*blocks))
+            channels = out
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.stages(self.stem(x))))
+
+
 def _chw(input_shape: Sequence[int]) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 2:
@@ -102,9 +173,15 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": SmallCNN,
     "resnet": TinyResNet,
+    "resnet18": ResNet18,
 }
 
-DEFAULT_HIDDEN = {"mlp": 64, "cnn": 32, "resnet": 16}
+#: Default size per model: the MLP's hidden width, the CNN's penultimate width, the tiny ResNet's
+#: channel count and ResNet-18's base width.
+DEFAULT_HIDDEN = {"mlp": 64, "cnn": 32, "resnet": 16, "resnet18": DEFAULT_RESNET18_WIDTH}
+
+#: The constructor argument that takes the size, where it is not ``hidden``.
+_SIZE_ARG = {"resnet18": "width"}
 
 
 def names() -> list[str]:
@@ -112,20 +189,48 @@ def names() -> list[str]:
     return list(_BUILDERS)
 
 
-def build(name: str, dataset: _HasShape, *, seed: int = 0, hidden: int | None = None) -> nn.Module:
+def build(
+    name: str,
+    dataset: _HasShape,
+    *,
+    seed: int = 0,
+    hidden: int | None = None,
+    width: int | None = None,
+) -> nn.Module:
     """Build architecture ``name`` for ``dataset`` (uses ``input_shape`` and ``num_classes``).
 
     ``hidden`` is the MLP's hidden width, the CNN's penultimate width or the ResNet's channel
-    count (defaults in :data:`DEFAULT_HIDDEN`). The same ``seed`` gives the same weights, bit for
-    bit; the global RNG state is left as it was.
+    count; ``width`` is ResNet-18's base width (its head then sees ``8 * width`` features). Either
+    name sets the size of any model; giving both with different values is an error. Defaults are
+    in :data:`DEFAULT_HIDDEN`. The same ``seed`` gives the same weights, bit for bit; the global
+    RNG state is left as it was.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
-    kwargs: dict[str, Any] = {"hidden": DEFAULT_HIDDEN[name] if hidden is None else int(hidden)}
+    size = _size(name, hidden, width)
+    kwargs: dict[str, Any] = {_SIZE_ARG.get(name, "hidden"): size}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _BUILDERS[name](tuple(dataset.input_shape), int(dataset.num_classes), **kwargs)
     return model
+
+
+def _size(name: str, hidden: int | None, width: int | None) -> int:
+    """The model size from ``hidden`` / ``width`` (aliases), validated; the default if neither."""
+    if width is not None:
+        if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
+            raise ValueError(
+                f"width must be a positive integer, got {width!r}; pass e.g. width="
+                f"{DEFAULT_HIDDEN[name]} (the default for {name!r}) or leave it unset"
+            )
+        width = int(width)
+        if hidden is not None and int(hidden) != width:
+            raise ValueError(
+                f"hidden={hidden!r} and width={width!r} both set the size of {name!r}; "
+                "pass only one of them"
+            )
+        return width
+    return DEFAULT_HIDDEN[name] if hidden is None else int(hidden)
 
 
 def head(model: nn.Module) -> nn.Linear:

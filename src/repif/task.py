@@ -1,72 +1,110 @@
-"""How a model turns a batch into outputs, per-sample losses and penultimate features.
+"""How a model turns a batch into outputs, per-sample losses, a query and penultimate features.
 
+A :class:`Task` owns the training objective: the per-sample loss, its ``weight_decay`` (the L2
+term (wd/2)‖θ‖² that belongs in the curvature as wd·I), how a batch of any structure is split
+into model inputs and targets, and the *query* measured at test points (default: the loss).
 The default :class:`ClassificationTask` is softmax cross-entropy on logits. For another loss,
-subclass it and override :meth:`loss_from_output` (per-sample loss from the model's output) and,
-if you know it in closed form, :meth:`output_hessian_vector` (the GGN's Λ·u); the generic
-fallback differentiates :meth:`loss_from_output` twice.
+subclass it and override :meth:`Task.loss_from_output` and, if you know it in closed form,
+:meth:`Task.output_hessian_vector` (the GGN's Λ·u); the generic fallback differentiates the loss
+twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.utils._pytree import tree_map
 
+from repif.data import Batch
 from repif.params import ParameterSpace
-from repif.validation import check_labels
+from repif.validation import check_finite_number, check_labels
+
+#: Key of the targets in a dict batch, as in Hugging Face datasets.
+DEFAULT_TARGET_KEY = "labels"
 
 
-class ClassificationTask:
-    """Per-sample softmax cross-entropy; features are the input of the last ``nn.Linear``."""
+class Task:
+    """Objective and batch layout; subclass and override what differs from the defaults.
 
-    def loss_from_output(self, output: Tensor, y: Tensor) -> Tensor:
-        """(n, C) logits and (n,) labels → (n,) per-sample losses."""
-        return F.cross_entropy(output, y, reduction="none")
+    Defaults: a tuple batch ``(x, y)`` (or ``(x1, …, xk, y)``) calls ``model(x)`` (or
+    ``model(x1, …, xk)``) with targets ``y``; a dict batch calls ``model(**rest)`` with targets
+    ``batch[target_key]``; anything else is rejected with the fix named.
+    """
 
-    def output_hessian_vector(self, output: Tensor, y: Tensor, u: Tensor) -> Tensor:
-        """Λ_i u_i for each sample: the Hessian of the loss w.r.t. the output, times ``u`` (n, C).
+    def __init__(self, weight_decay: float = 0.0, target_key: str = DEFAULT_TARGET_KEY) -> None:
+        check_finite_number(weight_decay, "weight_decay")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay}")
+        self.weight_decay = float(weight_decay)
+        self.target_key = target_key
 
-        Cross-entropy: Λ = diag(p) − p pᵀ, so Λu = p ⊙ u − p (pᵀu).
-        """
-        if type(self).loss_from_output is not ClassificationTask.loss_from_output:
-            return self._generic_output_hvp(output, y, u)
-        p = torch.softmax(output, dim=-1)
-        return p * u - p * (p * u).sum(-1, keepdim=True)
+    # ------------------------------------------------------------------ batch layout
+    def split(self, batch: Batch) -> tuple[Any, Any]:
+        """A collated batch → (model inputs, targets); inputs are passed to :meth:`forward`."""
+        if isinstance(batch, Mapping):
+            if self.target_key not in batch:
+                raise ValueError(
+                    f"a dict batch needs its targets under {self.target_key!r}; it has keys "
+                    f"{sorted(batch)} — pass target_key=… to the task"
+                )
+            return {k: v for k, v in batch.items() if k != self.target_key}, batch[
+                self.target_key
+            ]
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            inputs = batch[0] if len(batch) == 2 else tuple(batch[:-1])
+            return inputs, batch[-1]
+        raise TypeError(
+            f"cannot split a batch of type {type(batch).__name__} into inputs and targets; "
+            "use (x, y) tuples or dicts with a 'labels' key, or subclass Task and override split"
+        )
 
-    def output_hessian_factor(self, output: Tensor, y: Tensor) -> Tensor:
+    def forward(self, call: Callable[..., Any], inputs: Any) -> Tensor:
+        """Model output for ``inputs``; ``call`` is the model (called functionally)."""
+        if isinstance(inputs, Mapping):
+            return call(**inputs)
+        if isinstance(inputs, tuple):
+            return call(*inputs)
+        return call(inputs)
+
+    # ------------------------------------------------------------------ objective
+    def loss_from_output(self, output: Tensor, targets: Any) -> Tensor:
+        """(n, …) model output and targets → (n,) per-sample losses."""
+        raise NotImplementedError("subclass Task and implement loss_from_output")
+
+    def query_from_output(self, output: Tensor, targets: Any) -> Tensor:
+        """(n,) measurement whose change influence predicts at query points (default: loss)."""
+        return self.loss_from_output(output, targets)
+
+    def output_hessian_vector(self, output: Tensor, targets: Any, u: Tensor) -> Tensor:
+        """Λ_i u_i per sample: the Hessian of the loss w.r.t. the output, times ``u``.
+        Generic: a forward-over-reverse product of :meth:`loss_from_output`."""
+
+        def single(o: Tensor, yi: Any, ui: Tensor) -> Tensor:
+            def loss(oo: Tensor) -> Tensor:
+                return self.loss_from_output(oo[None], tree_map(lambda t: t[None], yi)).sum()
+
+            return jvp(grad(loss), (o,), (ui,))[1]
+
+        return vmap(single)(output, targets, u)
+
+    def output_hessian_factor(self, output: Tensor, targets: Any) -> Tensor:
         """(n, C, C) factors B_i with B_iᵀ B_i = Λ_i, so the GGN is Σ w_i (B_i J_i)ᵀ(B_i J_i).
-
-        Cross-entropy: row c of B is √p_c (e_c − p). Other losses: a symmetric square root of
-        Λ_i built from :meth:`output_hessian_vector` (negative eigenvalues clipped to 0).
-        """
-        if type(self).output_hessian_vector is ClassificationTask.output_hessian_vector and (
-            type(self).loss_from_output is ClassificationTask.loss_from_output
-        ):
-            p = torch.softmax(output, dim=-1)
-            eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
-            return p.sqrt().unsqueeze(-1) * (eye - p.unsqueeze(-2))
+        Generic: a symmetric square root of Λ_i (negative eigenvalues clipped to 0)."""
         n, c = output.shape
         eye = torch.eye(c, dtype=output.dtype, device=output.device).expand(n, c, c)
         lam = torch.stack(
-            [self.output_hessian_vector(output, y, eye[:, :, j]) for j in range(c)], dim=-1
+            [self.output_hessian_vector(output, targets, eye[:, :, j]) for j in range(c)], dim=-1
         )
         vals, vecs = torch.linalg.eigh(0.5 * (lam + lam.transpose(-1, -2)))
         return (vecs * vals.clamp_min(0).sqrt().unsqueeze(-2)) @ vecs.transpose(-1, -2)
 
-    def _generic_output_hvp(self, output: Tensor, y: Tensor, u: Tensor) -> Tensor:
-        def single(o: Tensor, yi: Tensor, ui: Tensor) -> Tensor:
-            g = grad(lambda oo: self.loss_from_output(oo[None], yi[None]).sum())
-            return jvp(g, (o,), (ui,))[1]
-
-        return vmap(single)(output, y, u)
-
-    def check_targets(self, y: Tensor, output_dim: int) -> None:
-        """Raise a clear error for targets the loss cannot take (here: labels ∉ [0, C))."""
-        check_labels(y, output_dim)
+    def check_targets(self, targets: Any, output_dim: int) -> None:  # noqa: B027 - optional
+        """Raise a clear error for targets the loss cannot take (default: accept)."""
 
     def feature_module(self, model: nn.Module) -> nn.Module:
         """The module whose *input* is the penultimate feature: the last ``nn.Linear``."""
@@ -77,19 +115,53 @@ class ClassificationTask:
         if last is None:
             raise ValueError(
                 "the model has no nn.Linear layer, so the default task cannot find its features; "
-                "subclass ClassificationTask and override feature_module"
+                "subclass the task and override feature_module"
             )
         return last
+
+
+class ClassificationTask(Task):
+    """Per-sample softmax cross-entropy; features are the input of the last ``nn.Linear``."""
+
+    def loss_from_output(self, output: Tensor, y: Tensor) -> Tensor:
+        """(n, C) logits and (n,) labels → (n,) per-sample losses."""
+        return F.cross_entropy(output, y, reduction="none")
+
+    def _closed_form(self) -> bool:
+        """Whether the cross-entropy closed forms apply (the loss was not overridden)."""
+        return type(self).loss_from_output is ClassificationTask.loss_from_output
+
+    def output_hessian_vector(self, output: Tensor, y: Tensor, u: Tensor) -> Tensor:
+        """Cross-entropy: Λ = diag(p) − p pᵀ, so Λu = p ⊙ u − p (pᵀu)."""
+        if not self._closed_form():
+            return super().output_hessian_vector(output, y, u)
+        p = torch.softmax(output, dim=-1)
+        return p * u - p * (p * u).sum(-1, keepdim=True)
+
+    def output_hessian_factor(self, output: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy: row c of B is √p_c (e_c − p)."""
+        if type(self).output_hessian_vector is not ClassificationTask.output_hessian_vector or (
+            not self._closed_form()
+        ):
+            return super().output_hessian_factor(output, y)
+        p = torch.softmax(output, dim=-1)
+        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+        return p.sqrt().unsqueeze(-1) * (eye - p.unsqueeze(-2))
+
+    def check_targets(self, y: Tensor, output_dim: int) -> None:
+        """Labels must be integers in [0, C)."""
+        check_labels(y, output_dim)
 
 
 class FunctionalModel:
     """A module seen as a pure function of a flat parameter vector (via ``functional_call``).
 
-    Holds the module (in eval mode during influence computations), its trainable-parameter
-    space, its buffers and its other (frozen) parameters.
+    Holds the module (in eval mode during influence computations), its task, its
+    trainable-parameter space, its buffers and its other (frozen) parameters. Inputs are the
+    task's model inputs (any structure of tensors with the points along dimension 0).
     """
 
-    def __init__(self, model: nn.Module, task: ClassificationTask | None = None) -> None:
+    def __init__(self, model: nn.Module, task: Task | None = None) -> None:
         self.model = model
         self.task = task or ClassificationTask()
         self.space = ParameterSpace.of(model)
@@ -108,19 +180,34 @@ class FunctionalModel:
     def dtype(self) -> torch.dtype:
         return self.theta.dtype
 
-    def output(self, theta: Tensor, x: Tensor) -> Tensor:
-        """Model output (n, C) at flat parameters ``theta`` (p,) for a batch ``x``."""
-        state = {**self.buffers, **self.frozen, **self.space.unflatten(theta)}
-        return functional_call(self.model, state, (x,))
+    def at(self, theta: Tensor) -> FunctionalModel:
+        """The same model and task with parameters ``theta`` (the caller's module untouched)."""
+        other = object.__new__(FunctionalModel)
+        other.__dict__.update(self.__dict__)
+        other.theta = theta.detach()
+        return other
 
-    def losses(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    def output(self, theta: Tensor, inputs: Any) -> Tensor:
+        """Model output (n, C) at flat parameters ``theta`` (p,) for model inputs ``inputs``."""
+        state = {**self.buffers, **self.frozen, **self.space.unflatten(theta)}
+
+        def call(*args: Any, **kwargs: Any) -> Tensor:
+            return functional_call(self.model, state, args, kwargs)
+
+        return self.task.forward(call, inputs)
+
+    def losses(self, theta: Tensor, inputs: Any, targets: Any) -> Tensor:
         """(n,) per-sample losses at ``theta``."""
-        return self.task.loss_from_output(self.output(theta, x), y)
+        return self.task.loss_from_output(self.output(theta, inputs), targets)
+
+    def queries(self, theta: Tensor, inputs: Any, targets: Any) -> Tensor:
+        """(n,) per-sample query measurements at ``theta`` (default: the losses)."""
+        return self.task.query_from_output(self.output(theta, inputs), targets)
 
     @torch.no_grad()
-    def activation_numel(self, x: Tensor) -> int:
-        """Number of elements all leaf modules output for the first point of ``x`` (an estimate
-        of one point's activation memory, in elements; at least the output size)."""
+    def activation_numel(self, inputs: Any) -> int:
+        """Number of elements all leaf modules output for one point (the first of ``inputs``):
+        an estimate of one point's activation memory, in elements; at least the output size."""
         total = [0]
 
         def count(_module: nn.Module, _inputs: Any, out: Any) -> None:
@@ -130,30 +217,38 @@ class FunctionalModel:
         leaves = [m for m in self.model.modules() if not list(m.children())]
         handles = [m.register_forward_hook(count) for m in leaves]
         try:
-            out = self.output(self.theta, x[:1])
+            first = tree_map(lambda t: t[:1] if isinstance(t, Tensor) else t, inputs)
+            out = self.output(self.theta, first)
         finally:
             for h in handles:
                 h.remove()
         return max(total[0], out.numel())
 
-    def sample_loss_fn(self) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        """loss(θ, x_i, y_i) for one unbatched sample, the form ``vmap(grad(·))`` needs."""
+    def sample_fn(self, measure: str = "loss") -> Callable[[Tensor, Any, Any], Tensor]:
+        """f(θ, inputs_i, targets_i) for one unbatched sample (the form ``vmap(grad(·))``
+        needs): its loss, or its query measurement when ``measure="query"``."""
+        batched = self.queries if measure == "query" else self.losses
 
-        def loss(theta: Tensor, xi: Tensor, yi: Tensor) -> Tensor:
-            return self.losses(theta, xi.unsqueeze(0), yi.unsqueeze(0)).squeeze(0)
+        def single(theta: Tensor, xi: Any, yi: Any) -> Tensor:
+            add = tree_map(lambda t: t.unsqueeze(0), (xi, yi))
+            return batched(theta, *add).squeeze(0)
 
-        return loss
+        return single
+
+    def sample_loss_fn(self) -> Callable[[Tensor, Any, Any], Tensor]:
+        """loss(θ, x_i, y_i) for one unbatched sample."""
+        return self.sample_fn("loss")
 
     @torch.no_grad()
-    def logits_and_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def logits_and_features(self, inputs: Any) -> tuple[Tensor, Tensor]:
         """(n, C) outputs and (n, d) penultimate features at the current parameters."""
         captured: list[Tensor] = []
         module = self.task.feature_module(self.model)
         handle = module.register_forward_hook(
-            lambda _m, inputs, _o: captured.append(inputs[0].detach().flatten(1))
+            lambda _m, ins, _o: captured.append(ins[0].detach().flatten(1))
         )
         try:
-            out = self.output(self.theta, x)
+            out = self.output(self.theta, inputs)
         finally:
             handle.remove()
         return out, captured[0]

@@ -109,13 +109,15 @@ def load_or_train(
     progress: bool = False,
     optimizer: str = "adam",
     hidden: int | None = None,
+    width: int | None = None,
 ) -> nn.Module:
     """Build ``model_name`` for ``dataset`` with ``seed`` and train it on ``dataset.train``,
     reusing a cached model from ``cache_dir`` when its metadata (dataset name, sizes, shapes and a
-    hash of its training data; architecture; seed; recipe; torch version) matches exactly."""
+    hash of its training data; architecture and its ``hidden`` / ``width``; seed; recipe; torch
+    version) matches exactly. ``hidden`` and ``width`` go to :func:`repif.models.build`."""
     from repif import models
 
-    model = models.build(model_name, dataset, seed=seed, hidden=hidden)
+    model = models.build(model_name, dataset, seed=seed, hidden=hidden, width=width)
     x, y = dataset.train
     key = {
         "dataset": getattr(dataset, "name", type(dataset).__name__),
@@ -127,6 +129,8 @@ def load_or_train(
         "architecture": model_name,
         "hidden": hidden,
     }
+    if width is not None:  # absent when unset, so keys written before ``width`` existed still hit
+        key["width"] = int(width)
     return train(
         model,
         (x, y),

@@ -15,17 +15,13 @@ model is around θ̂; for a convex model trained to convergence use η = 1.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from repif.gradients import mean_gradient
-from repif.task import FunctionalModel
-from repif.validation import check_indices
-
-if TYPE_CHECKING:
-    from repif.estimator import InfluenceEstimator
+from repif.fitting import CurvatureFitter, FittedCurvature
+from repif.gradients import sum_gradient
+from repif.validation import check_finite_number, check_indices
 
 
 def remaining_indices(n: int, removed: Tensor) -> Tensor:
@@ -35,49 +31,63 @@ def remaining_indices(n: int, removed: Tensor) -> Tensor:
     return torch.nonzero(keep).flatten()
 
 
-def removal_gradient(est: InfluenceEstimator, removed: Tensor) -> Tensor:
-    """(p,) g = (1/|R|) Σ_{z∈S} ∇l(z; θ̂) + wd·θ̂·|S|/|R| (= −∇L_R(θ̂) at a minimum θ̂)."""
-    removed = torch.unique(check_indices(removed, est.n_train, "removed indices"))
+def removal_gradient(fitter: CurvatureFitter, removed: Tensor) -> Tensor:
+    """(p,) g = (1/|R|) Σ_{z∈S} ∇l(z; θ̂) + wd·θ̂·|S|/|R| (= −∇L_R(θ̂) at a minimum θ̂),
+    streamed over S in budget-sized chunks."""
+    removed = torch.unique(check_indices(removed, fitter.n_train, "removed indices"))
     n_s = removed.numel()
-    n_r = est.n_train - n_s
+    n_r = fitter.n_train - n_s
     if n_r == 0:
         raise ValueError("cannot remove every training point: nothing would remain to fit")
-    dev = est.x.device
-    g = mean_gradient(est.fm, est.x[removed.to(dev)], est.y[removed.to(dev)])
-    return (g + est.weight_decay * est.fm.theta) * (n_s / n_r)
+    fm = fitter.fm
+    total = sum_gradient(fm, fitter.source, removed, fitter.budget, fitter.cost)
+    return (total / n_s + fm.task.weight_decay * fm.theta) * (n_s / n_r)
 
 
 def newton_removal(
-    est: InfluenceEstimator, indices: Tensor, *, scale: float = 1.0, steps: int = 1
+    fitter: CurvatureFitter,
+    fitted: FittedCurvature | None,
+    indices: Tensor,
+    *,
+    scale: float = 1.0,
+    steps: int = 1,
 ) -> nn.Module:
-    """A copy of ``est``'s model with ``indices`` removed (see module doc); ``est`` is unchanged."""
-    if not isinstance(steps, int) or steps < 1:
+    """A copy of the fitter's model with ``indices`` removed (see module doc).
+
+    ``fitted`` is reused when its subset holds no removed point; otherwise (or when None) a
+    subset of the remaining points R is drawn with the fitter's sampler, size and seed.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_finite_number(scale, "scale")
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale!r}")
-    removed = torch.unique(check_indices(indices, est.n_train, "removed indices"))
+    n = fitter.n_train
+    removed = torch.unique(check_indices(indices, n, "removed indices"))
     if removed.numel() == 0:
         raise ValueError("no indices to remove; pass at least one training index")
-    rest = remaining_indices(est.n_train, removed)
+    rest = remaining_indices(n, removed)
     if rest.numel() == 0:
         raise ValueError("cannot remove every training point: nothing would remain to fit")
-    if est.sample_size is not None and est.sample_size > rest.numel():
+    size = fitter.options.sample_size
+    if size is not None and size > rest.numel():
         raise ValueError(
-            f"sample_size={est.sample_size} exceeds the {rest.numel()} remaining training points"
+            f"sample_size={size} exceeds the {rest.numel()} remaining training points"
         )
-    if est._solver is not None and not bool(torch.isin(est.subset.indices, removed).any()):
-        subset, solver = est.subset, est.solver
-    else:  # the curvature must not see the removed points: draw from R for this call only
-        subset, solver, _ = est.draw(rest)
-    fm, wd, dev = est.fm, est.weight_decay, est.x.device
-    theta = fm.theta + scale * solver.solve(removal_gradient(est, removed)[None])[0]
-    xr, yr = est.x[rest.to(dev)], est.y[rest.to(dev)]
+    if fitted is None or bool(torch.isin(fitted.subset.indices, removed).any()):
+        fitted = fitter.draw(rest)  # the curvature must not see the removed points
+    fm, wd = fitter.fm, fitter.fm.task.weight_decay
+    theta = fm.theta + scale * fitted.solve(removal_gradient(fitter, removed)[None])[0]
     for _ in range(steps - 1):
-        model_k = copy.deepcopy(est.model)
-        fm.space.set(model_k, theta)
-        fm_k = FunctionalModel(model_k, est.task)
-        g = -(mean_gradient(fm_k, xr, yr) + wd * theta)
-        theta = theta + scale * est._prepare_solver(fm_k, subset).solve(g[None])[0]
-    new_model = copy.deepcopy(est.model)
+        fm_k = fm.at(theta)
+        grad_r = sum_gradient(fm_k, fitter.source, rest, fitter.budget, fitter.cost)
+        g = -(grad_r / rest.numel() + wd * theta)
+        theta = theta + scale * fitter.prepare(fitted.subset, fm_k).solve(g[None])[0]
+    if not bool(torch.isfinite(theta).all()):
+        raise ArithmeticError(
+            f"the removal update produced non-finite parameters (scale={scale}, steps={steps}); "
+            "lower the scale or raise the damping"
+        )
+    new_model = copy.deepcopy(fm.model)
     fm.space.set(new_model, theta)
     return new_model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -48,9 +50,33 @@ def check_vector(vec: Tensor, size: int, what: str = "vector") -> Tensor:
 
 
 def check_indices(indices: Tensor, n: int, what: str = "indices") -> Tensor:
-    """Return ``indices`` as a 1-D int64 tensor; raise if any is outside [0, n)."""
-    idx = torch.as_tensor(indices).reshape(-1).long()
+    """Return ``indices`` as a 1-D int64 tensor; raise if any is outside [0, n).
+
+    A boolean mask of length n is accepted and turned into the indices where it is True; a
+    boolean tensor of another length, or floating-point indices, are refused (never truncated).
+    """
+    idx = torch.as_tensor(indices)
+    if idx.dtype == torch.bool:
+        if idx.ndim != 1 or idx.numel() != n:
+            raise ValueError(
+                f"{what} is a boolean mask of shape {tuple(idx.shape)}, but a mask must have "
+                f"one entry per training point ({n},); or pass integer indices"
+            )
+        return torch.nonzero(idx).flatten()
+    if idx.is_floating_point() or idx.is_complex():
+        raise ValueError(
+            f"{what} must be integers, got dtype {idx.dtype}; pass integer indices (e.g. "
+            "tensor.long() if the values are whole numbers) or a boolean mask"
+        )
+    idx = idx.reshape(-1).long()
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
         bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
         raise ValueError(f"{what} contain {bad}, outside the {n} training points [0, {n})")
     return idx
+
+def check_finite_number(value: object, what: str) -> None:
+    """Raise unless ``value`` is a real, finite number (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{what} must be finite, got {value!r}")

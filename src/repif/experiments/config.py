@@ -26,6 +26,7 @@ class StudyConfig:
 
     dataset: str = "digits"
     model: str = "mlp"
+    width: int | None = None  # model size (see repif.models.build); None: the model's default
     remove: list[int] = field(default_factory=lambda: [0])
     samplers: list[str] = field(default_factory=lambda: ["random"])
     sizes: list[int] = field(default_factory=lambda: [64])
@@ -59,6 +60,13 @@ class StudyConfig:
         if self.curvature not in CURVATURES:
             known = ", ".join(CURVATURES)
             raise ValueError(f"unknown curvature {self.curvature!r}; known: {known}")
+        if self.width is not None and (
+            isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1
+        ):
+            raise ValueError(
+                f"width must be a positive integer, got {self.width!r}; pass e.g. --width 16, or "
+                "leave it out for the model's default"
+            )
         if not self.sizes or any(m <= 0 for m in self.sizes):
             raise ValueError(f"sizes must be positive integers, got {self.sizes}")
         if self.seeds <= 0:
@@ -83,6 +91,8 @@ class StudyConfig:
     def cell_hash(self) -> str:
         """Hash of the fields that change a cell's numbers; cells are reused only if it matches."""
         d = {k: v for k, v in self.to_dict().items() if k not in _GRID_FIELDS}
+        if d["width"] is None:  # leave it out, so results written before ``width`` existed resume
+            del d["width"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

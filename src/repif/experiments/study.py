@@ -109,9 +109,9 @@ class Study:
         object.__setattr__(fit_set, "train", (self.train_x, self.train_y))
         cache = self.out / "cache"
         self.model = load_or_train(
-            fit_set, c.model, seed=c.train_seed, epochs=c.epochs, weight_decay=c.weight_decay,
-            lr=c.lr, batch_size=c.batch_size, cache_dir=cache, device=self.device,
-            progress=self.progress,
+            fit_set, c.model, seed=c.train_seed, width=c.width, epochs=c.epochs,
+            weight_decay=c.weight_decay, lr=c.lr, batch_size=c.batch_size, cache_dir=cache,
+            device=self.device, progress=self.progress,
         ).to(self.device, self.dtype)
         self.test = ds.test
         self.original_test = predict(self.model, self.test[0])
@@ -135,7 +135,7 @@ class Study:
         c = self.config
         with measure(self.device) as m:
             est = self._estimator(**REFERENCE_SOLVER).fit(rest)
-            g = removal_gradient(est, removed)
+            g = removal_gradient(est.fitter, removed)
             v_full = est.inverse_hvp(g)
         scale = self._pick_scale(est, v_full, cls) if c.scale == "auto" else float(c.scale)
         with measure(self.device) as m2:
@@ -168,7 +168,7 @@ class Study:
 
     def _retrain(self, cls: int, rest: Tensor) -> dict[str, Any]:
         c = self.config
-        fresh = models.build(c.model, self.dataset, seed=c.train_seed)
+        fresh = models.build(c.model, self.dataset, seed=c.train_seed, width=c.width)
         with measure("cpu") as m:
             model = train(
                 fresh, (self.train_x[rest], self.train_y[rest]), epochs=c.epochs,

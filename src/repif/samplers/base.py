@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,19 +33,26 @@ class Subset:
         return int(self.indices.numel())
 
 
-@dataclass
 class Pool:
     """Candidate training points for the curvature subset.
 
     ``indices`` (k,) are global training indices, ``labels`` (k,) their classes. ``logits``
-    (k, C) and ``features`` (k, d) are computed on first access by ``stats`` and then kept.
+    (k, C) and ``features`` (k, d) are computed on first access by ``stats`` (one streaming
+    forward pass) and then kept. ``labels=None`` means they come from the same pass: ``stats``
+    then returns ``(logits, features, labels)``.
     """
 
-    indices: Tensor
-    labels: Tensor
-    num_classes: int
-    stats: Callable[[], tuple[Tensor, Tensor]] | None = None
-    _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    def __init__(
+        self,
+        indices: Tensor,
+        labels: Tensor | None,
+        num_classes: int,
+        stats: Callable[[], tuple[Tensor, ...]] | None = None,
+    ) -> None:
+        self.indices = indices
+        self.num_classes = num_classes
+        self.stats = stats
+        self._cache: dict[str, Tensor] = {} if labels is None else {"labels": labels}
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -54,10 +61,20 @@ class Pool:
         if "logits" not in self._cache:
             if self.stats is None:
                 raise ValueError("this pool has no model to compute logits and features from")
-            logits, feats = self.stats()
+            logits, feats, *rest = self.stats()
             check_finite(logits, "pool logits")
             check_finite(feats, "pool features")
             self._cache["logits"], self._cache["features"] = logits, feats
+            if rest and "labels" not in self._cache:
+                self._cache["labels"] = rest[0]
+
+    @property
+    def labels(self) -> Tensor:
+        if "labels" not in self._cache:
+            self._load()
+        if "labels" not in self._cache:
+            raise ValueError("this pool has no labels: pass them, or a stats pass that gives them")
+        return self._cache["labels"]
 
     @property
     def logits(self) -> Tensor:

@@ -15,7 +15,7 @@ REGISTRY: Registry[type[Solver]] = Registry("solver")
 
 #: Right-hand sides an iterative solver advances together by default: one pass over the subset
 #: then pushes this many vectors through batched (vmapped) products, which costs far less than as
-#: many separate passes; the operator bounds the extra activation memory (PRODUCT_MEMORY_BYTES).
+#: many separate passes; the operator bounds the extra activation memory (its memory budget).
 RHS_BLOCK_SIZE = 64
 
 

@@ -27,6 +27,12 @@ class DirectSolver(Solver):
                 f"limit max_params={self.max_params:,}); use solver='cg' (or 'lissa', 'arnoldi'), "
                 "or raise max_params if you have the memory"
             )
+        item = self.operator.fm.theta.element_size()
+        self.operator.budget.require(
+            2 * p * p * item,
+            f"solver 'direct' on {p:,} parameters (a {p:,} × {p:,} matrix and its factor)",
+            "use solver='cg' or 'lissa', 'woodbury' for a small GGN subset, or raise max_memory",
+        )
         a = self.operator.dense()
         a.diagonal().add_(self.damping)
         self._dtype = a.dtype

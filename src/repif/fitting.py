@@ -1,0 +1,149 @@
+"""Fitting the curvature: draw a subset T from a pool of training points, prepare a solver on it.
+
+:class:`CurvatureFitter` binds the fitting options (curvature kind, damping, sampler, sample
+size, seed, shrinkage, solver) to a model, its training data and a memory budget.
+:class:`FittedCurvature` is what a fit produces — the subset, the prepared solver and timings —
+and is all that the estimator and the removal update need (docs/design.md, "Parts").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from repif import samplers as _samplers
+from repif import solvers as _solvers
+from repif.curvature import CurvatureOperator, resolve_shrinkage
+from repif.data import DataSource, to_device
+from repif.gradients import CostModel, split_batch
+from repif.memory import MemoryBudget
+from repif.samplers import Pool, Subset
+from repif.task import FunctionalModel, Task
+from repif.validation import check_indices
+
+
+@dataclass(frozen=True)
+class FittedCurvature:
+    """A curvature subset and a solver prepared on it: ``solve(g)`` = (C_T + λI)⁻¹ g."""
+
+    subset: Subset
+    solver: _solvers.Solver
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def solve(self, g: Tensor) -> Tensor:
+        """(k, p) right-hand sides → (k, p) solutions."""
+        return self.solver.solve(g)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """What a fit does; validated once by :class:`~repif.estimator.InfluenceEstimator`."""
+
+    curvature: str
+    damping: float
+    solver: str
+    solver_options: dict[str, Any]
+    sampler: _samplers.Sampler
+    sample_size: int | None
+    seed: int
+    shrinkage: float | str
+
+
+class CurvatureFitter:
+    """Fits curvature subsets of one model's training data (see module doc)."""
+
+    def __init__(
+        self,
+        fm: FunctionalModel,
+        source: DataSource,
+        options: FitOptions,
+        budget: MemoryBudget,
+        cost: CostModel,
+        output_dim: int,
+    ) -> None:
+        self.fm, self.source, self.options = fm, source, options
+        self.budget, self.cost, self.output_dim = budget, cost, output_dim
+
+    @property
+    def task(self) -> Task:
+        return self.fm.task
+
+    @property
+    def n_train(self) -> int:
+        return len(self.source)
+
+    # ------------------------------------------------------------------ the pool
+    def pool(self, indices: Tensor | None = None) -> Pool:
+        """A :class:`Pool` over ``indices`` (default: all training points)."""
+        idx = torch.arange(self.n_train) if indices is None else check_indices(
+            indices, self.n_train, "pool indices"
+        )
+        if idx.numel() != torch.unique(idx).numel():
+            raise ValueError("pool indices contain duplicates; pass each training index once")
+        idx = idx.cpu()
+        labels = self._cheap_labels(idx)
+        return Pool(idx, labels, self.output_dim, stats=lambda: self.pool_statistics(idx))
+
+    def _cheap_labels(self, idx: Tensor) -> Tensor | None:
+        """Labels without a pass over the data, when the data are tensors split the default way
+        (targets last); else None (they then come with the pool's forward pass)."""
+        if self.source.tensors is None or type(self.task).split is not Task.split:
+            return None
+        return self.source.tensors[-1][idx.to(self.source.tensors[-1].device)].cpu()
+
+    def pool_statistics(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One streaming forward pass → (k, C) logits, (k, d) penultimate features and (k,)
+        targets, on the CPU, in the order of ``indices``."""
+        outs, feats, targets = [], [], []
+        rows = self.budget.rows(self.cost.forward_row())
+        for _, batch in self.source.batches(indices, rows):
+            inputs, y = split_batch(self.fm, batch)
+            self.task.check_targets(y, self.output_dim)
+            o, f = self.fm.logits_and_features(inputs)
+            outs.append(o.cpu())
+            feats.append(f.cpu())
+            targets.append(y.cpu())
+        return torch.cat(outs), torch.cat(feats), torch.cat(targets)
+
+    # ------------------------------------------------------------------ fitting
+    def draw(self, pool: Tensor | None = None) -> FittedCurvature:
+        """Draw a subset of ``pool`` (training indices; default all) and prepare the solver."""
+        t0 = time.perf_counter()
+        p = self.pool(pool)
+        if len(p) == 0:
+            raise ValueError("the pool is empty; pass at least one training index")
+        o = self.options
+        if o.sample_size is None:
+            uniform = torch.full((len(p),), 1.0 / len(p), dtype=torch.float64)
+            subset = Subset(p.indices.clone(), uniform)
+        else:
+            subset = o.sampler.select(p, o.sample_size, o.seed)
+        sample_s = time.perf_counter() - t0
+        fitted = self.prepare(subset)
+        return FittedCurvature(subset, fitted.solver, {"sample_s": sample_s, **fitted.timings})
+
+    def operator(self, subset: Subset, fm: FunctionalModel | None = None) -> CurvatureOperator:
+        """The curvature on ``subset`` (gathered whole: m points) at ``fm``'s parameters."""
+        fm = fm or self.fm
+        batch = to_device(self.source.gather(subset.indices), fm.device, fm.dtype)
+        x, y = self.task.split(batch)
+        sampled = self.options.sample_size is not None
+        shrink = resolve_shrinkage(self.options.shrinkage, len(subset)) if sampled else 0.0
+        return CurvatureOperator(
+            fm, x, y, subset.weights, kind=self.options.curvature, shrinkage=shrink,
+            budget=self.budget,
+        )
+
+    def prepare(self, subset: Subset, fm: FunctionalModel | None = None) -> FittedCurvature:
+        """A solver fitted on ``subset`` at ``fm``'s parameters (default: the trained ones)."""
+        t0 = time.perf_counter()
+        o = self.options
+        options = dict(o.solver_options)
+        if "seed" in _solvers.accepted_options(o.solver):
+            options.setdefault("seed", o.seed)  # LiSSA batches, Lanczos start vector
+        solver = _solvers.build(o.solver, options).fit(self.operator(subset, fm), o.damping)
+        return FittedCurvature(subset, solver, {"solver_fit_s": time.perf_counter() - t0})

@@ -9,7 +9,7 @@ curvature subset (m points) is ever collated whole (docs/design.md, "Scale").
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -63,7 +63,8 @@ def concat(batches: list[Batch]) -> Batch:
 class DataSource:
     """Indexable training (or test) data, gathered by index and streamed in chunks.
 
-    ``data`` is a tuple of equal-length tensors (``(x, y)``: the fast path), a torch ``Dataset``
+    ``data`` is a tuple of equal-length tensors (``(x, y)``: the fast path), one in-memory dict
+    batch (``{"input_ids": …, "labels": …}``, every value a tensor), a torch ``Dataset``
     of items of any structure (collated by ``collate_fn``, default torch's ``default_collate``),
     or a ``DataLoader`` (its dataset and collate function are used; its batch size caps the
     chunk size). ``batch_size`` caps how many points one chunk holds (the memory budget may make
@@ -81,7 +82,9 @@ class DataSource:
         if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         self.tensors: tuple[Tensor, ...] | None = None
+        self.batch: Batch | None = None  # one in-memory dict batch
         self.dataset: Any = None
+        self.validate: Callable[[Batch], None] | None = None  # checks each gathered batch
         if isinstance(data, DataLoader):
             collate_fn = collate_fn or data.collate_fn
             batch_size = batch_size or data.batch_size
@@ -96,6 +99,10 @@ class DataSource:
                     "point in every tensor)"
                 )
             self.tensors = tuple(data)
+        elif isinstance(data, Mapping) and data and all(
+            isinstance(t, Tensor) and t.ndim for t in tree_flatten(data)[0]
+        ):
+            self.batch = data
         elif isinstance(data, Dataset) or (
             hasattr(data, "__getitem__") and hasattr(data, "__len__")
         ):
@@ -114,6 +121,8 @@ class DataSource:
     def __len__(self) -> int:
         if self.tensors is not None:
             return int(self.tensors[0].shape[0])
+        if self.batch is not None:
+            return batch_len(self.batch)
         return len(self.dataset)
 
     def gather(self, indices: Tensor) -> Batch:
@@ -121,10 +130,15 @@ class DataSource:
         idx = indices.cpu()
         if self.tensors is not None:
             return tuple(t[idx.to(t.device)] for t in self.tensors)
+        if self.batch is not None:
+            return take(self.batch, idx)
         items = [self.dataset[int(i)] for i in idx]
         if not items:
             raise ValueError("no points to gather; pass at least one index")
-        return self.collate_fn(items)
+        batch = self.collate_fn(items)
+        if self.validate is not None:
+            self.validate(batch)
+        return batch
 
     def chunk_rows(self, budget_rows: int) -> int:
         """Points per chunk: the budget's figure, capped by the user's ``batch_size``."""
@@ -135,7 +149,7 @@ class DataSource:
         """(offset into ``indices``, batch) for consecutive chunks of at most ``rows`` points."""
         idx = indices.cpu()
         rows = self.chunk_rows(rows)
-        if self.tensors is not None or self.num_workers == 0:
+        if self.dataset is None or self.num_workers == 0:
             for s in range(0, idx.numel(), rows):
                 yield s, self.gather(idx[s : s + rows])
             return
@@ -145,6 +159,8 @@ class DataSource:
         )
         offset = 0
         for batch in loader:
+            if self.validate is not None:
+                self.validate(batch)
             yield offset, batch
             offset += batch_len(batch)
 

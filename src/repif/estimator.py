@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from repif import samplers as _samplers
@@ -33,7 +34,8 @@ from repif import solvers as _solvers
 from repif.curvature import CURVATURES, resolve_shrinkage
 from repif.data import DataSource
 from repif.fitting import CurvatureFitter, FitOptions, FittedCurvature
-from repif.gradients import CostModel, split_batch, stream_gradients
+from repif.gradients import CostModel, split_batch, stream_gradients, stream_scores
+from repif.layer_gradients import LayerGradientEngine, layer_engine
 from repif.memory import MemoryBudget
 from repif.samplers import Pool, Subset
 from repif.task import ClassificationTask, FunctionalModel, Task
@@ -43,6 +45,12 @@ from repif.validation import check_finite, check_finite_number, check_indices, c
 #: Default damping λ: small against typical GGN eigenvalues of a trained classifier (order 1),
 #: large enough to keep (C + λI) well conditioned in the directions the subset does not see.
 DEFAULT_DAMPING = 1e-2
+
+#: Per-sample gradient engines: "auto" (hooks where eligible, else torch.func), "hooks", "func".
+PER_SAMPLE_ENGINES = ("auto", "hooks", "func")
+
+#: Training points the hook engine is checked on against torch.func before it is used.
+PROBE_POINTS = 2
 
 #: (k, p) blocks an iterative solver keeps per right-hand side (CG: x, r, d, C·d and the
 #: input), used to size the chunks whose gradients go through a solve (self-influence).
@@ -93,6 +101,7 @@ class InfluenceEstimator:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         num_workers: int = 0,
         progress: bool | None = False,
+        per_sample: str = "auto",
         chunk_size: int | None = None,
         sampler_options: dict[str, Any] | None = None,
         **solver_options: Any,
@@ -143,12 +152,31 @@ class InfluenceEstimator:
             self.task.check_targets(self.source.tensors[-1], self.output_dim)
         else:
             self.task.check_targets(targets, self.output_dim)
-        self.cost = CostModel(self.fm, inputs)
+        self.source.validate = self._validate_batch
+        self.cost = CostModel(self.fm, inputs, self._engine(per_sample))
         options = FitOptions(curvature, float(damping), solver, dict(solver_options),
                              self.sampler, sample_size, seed, shrinkage)
         self.fitter = CurvatureFitter(self.fm, self.source, options, self.budget, self.cost,
                                       self.output_dim)
         self._fitted: FittedCurvature | None = None
+
+    def _engine(self, per_sample: str) -> LayerGradientEngine | None:
+        """The hook-based per-sample engine ("hooks", or "auto" where the model is eligible and
+        agrees with torch.func on a probe of the first training points), else None."""
+        if per_sample not in PER_SAMPLE_ENGINES:
+            raise ValueError(f"per_sample must be one of {', '.join(PER_SAMPLE_ENGINES)}, "
+                             f"got {per_sample!r}")
+        if per_sample == "func":
+            return None
+        probe = self.source.gather(torch.arange(min(PROBE_POINTS, len(self.source))))
+        engine = layer_engine(self.fm, *split_batch(self.fm, probe))
+        if engine is None and per_sample == "hooks":
+            raise ValueError(
+                "per_sample='hooks' needs every trainable parameter in an nn.Linear, Conv2d, "
+                "BatchNorm (eval), LayerNorm or Embedding called once per forward; use "
+                "per_sample='auto' or 'func'"
+            )
+        return engine
 
     # ------------------------------------------------------------------ fitting
     @property
@@ -238,13 +266,23 @@ class InfluenceEstimator:
         return self._gradients(self.source, self._indices(indices))
 
     def _test_source(self, test: Any) -> DataSource:
-        source = test if isinstance(test, DataSource) else DataSource(
-            test, collate_fn=self.source.collate_fn, batch_size=self.source.batch_size)
+        if isinstance(test, DataSource):
+            source = test
+        elif isinstance(test, DataLoader):  # its own collate function and batch size
+            source = DataSource(test)
+        else:
+            source = DataSource(test, collate_fn=self.source.collate_fn,
+                                batch_size=self.source.batch_size)
         if source.tensors is not None:
             check_finite(source.tensors[0], "test inputs")
             if type(self.task).split is Task.split:
                 self.task.check_targets(source.tensors[-1], self.output_dim)
+        source.validate = self._validate_batch
         return source
+
+    def _validate_batch(self, batch: Any) -> None:
+        """Targets of a batch gathered from a Dataset: checked as they stream past."""
+        self.task.check_targets(self.task.split(batch)[1], self.output_dim)
 
     def test_gradients(self, test: Any, measure: str = "loss") -> Tensor:
         """(n, p) per-sample gradients of arbitrary points (``(x, y)`` or a Dataset) of their
@@ -270,12 +308,10 @@ class InfluenceEstimator:
         for t0 in range(0, n_test, test_rows):
             block = torch.arange(t0, min(n_test, t0 + test_rows))
             factors = self.inverse_hvp(self._gradients(source, block, "query"))
-            fixed = factors.numel() * item
-            for offset, g in stream_gradients(self.fm, self.source, idx, self.budget, self.cost,
-                                              extra_row_bytes=block.numel() * item,
-                                              fixed_bytes=fixed):
-                scores[block, offset : offset + g.shape[0]] = -(factors @ g.T).cpu()
-                bar.update(g.shape[0])
+            for offset, part in stream_scores(self.fm, self.source, idx, self.budget, self.cost,
+                                              factors):
+                scores[block, offset : offset + part.shape[1]] = -part.cpu()
+                bar.update(part.shape[1])
             del factors
         bar.close()
         return scores

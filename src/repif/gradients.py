@@ -8,7 +8,7 @@ p-dimensional gradient (docs/design.md, "Scale").
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -28,13 +28,29 @@ BACKWARD_OVERHEAD = 3
 GRAD_COPIES = 3
 
 
-class CostModel:
-    """What one point costs in a model's passes, measured once (one forward on one point)."""
+class PerSampleEngine(Protocol):
+    """Computes per-sample gradients of a batch; :mod:`repif.layer_gradients` provides one."""
 
-    def __init__(self, fm: FunctionalModel, inputs: Any) -> None:
+    def gradients(self, inputs: Any, targets: Any, measure: str = "loss") -> Tensor: ...
+
+    def scores(self, factors: Tensor, inputs: Any, targets: Any) -> Tensor: ...
+
+    def row_bytes(self, materialise: bool) -> int: ...
+
+
+class CostModel:
+    """What one point costs in a model's passes, measured once (one forward on one point).
+
+    ``engine`` is the per-sample gradient engine in use (None: ``torch.func``'s vmap).
+    """
+
+    def __init__(
+        self, fm: FunctionalModel, inputs: Any, engine: PerSampleEngine | None = None
+    ) -> None:
         self.fm = fm
         self.activation_numel = fm.activation_numel(inputs)
         self.itemsize = fm.theta.element_size()
+        self.engine = engine
 
     @property
     def activation_bytes(self) -> int:
@@ -49,8 +65,12 @@ class CostModel:
         """Bytes one point holds in an ordinary batched forward+backward."""
         return BACKWARD_OVERHEAD * self.activation_bytes
 
-    def gradient_row(self) -> int:
-        """Bytes one point holds while its own gradient is computed (``vmap(grad)``)."""
+    def gradient_row(self, materialise: bool = True) -> int:
+        """Bytes one point holds while its own gradient is computed: with the layer engine,
+        its backward, the largest layer's temporaries and (``materialise``) its p-vector;
+        with ``vmap(grad)``, its backward and GRAD_COPIES p-vectors."""
+        if self.engine is not None:
+            return 2 * self.backward_row() + self.engine.row_bytes(materialise)
         return self.backward_row() + GRAD_COPIES * self.fm.space.size * self.itemsize
 
 
@@ -99,7 +119,39 @@ def stream_gradients(
     rows = budget.rows(cost.gradient_row() + extra_row_bytes, fixed=fixed_bytes)
     for offset, batch in source.batches(indices, rows):
         inputs, targets = split_batch(fm, batch)
-        yield offset, per_sample_gradients(fm, inputs, targets, measure=measure)
+        if cost.engine is not None:
+            yield offset, cost.engine.gradients(inputs, targets, measure)
+        else:
+            yield offset, per_sample_gradients(fm, inputs, targets, measure=measure)
+
+
+def stream_scores(
+    fm: FunctionalModel,
+    source: DataSource,
+    indices: Tensor,
+    budget: MemoryBudget,
+    cost: CostModel,
+    factors: Tensor,
+) -> Iterator[tuple[int, Tensor]]:
+    """(offset, (k, b) factors · ∇l(z_j)ᵀ) for consecutive chunks of training ``indices``.
+
+    With the layer engine, per-sample gradients are formed one layer at a time and never as
+    whole p-vectors, so chunks are larger; otherwise they come from ``vmap(grad)``.
+    """
+    k = factors.shape[0]
+    fixed = factors.numel() * cost.itemsize
+    if cost.engine is None:
+        yield from (
+            (offset, factors @ g.T)
+            for offset, g in stream_gradients(fm, source, indices, budget, cost,
+                                              extra_row_bytes=k * cost.itemsize,
+                                              fixed_bytes=fixed)
+        )
+        return
+    rows = budget.rows(cost.gradient_row(materialise=False) + k * cost.itemsize, fixed=fixed)
+    for offset, batch in source.batches(indices, rows):
+        inputs, targets = split_batch(fm, batch)
+        yield offset, cost.engine.scores(factors, inputs, targets)
 
 
 def sum_gradient(

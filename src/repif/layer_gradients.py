@@ -1,0 +1,268 @@
+"""Per-sample gradients from one ordinary batched backward, layer by layer.
+
+Hooks capture each layer's input activations a and output gradients g during one batched
+forward+backward of the summed per-sample losses; a sample's parameter gradient is then a closed
+form in (a_i, g_i) (docs/design.md, "Scale"):
+
+* ``nn.Linear``: ∇W_i = Σ_t g_it a_itᵀ (t over any extra dims, e.g. tokens), ∇b_i = Σ_t g_it;
+* ``nn.Conv2d``: the same sum over output positions, with a the unfolded input patches;
+* ``nn.BatchNorm*d`` (eval mode) and ``nn.LayerNorm``: ∇γ_i = Σ g_i ⊙ x̂_i, ∇β_i = Σ g_i;
+* ``nn.Embedding``: ∇E_i = Σ_t e_{id_it} g_itᵀ (a scatter-add).
+
+This costs about one backward pass plus one extra product per layer, where ``vmap(grad)`` costs
+several times the pass on convolutions. Gradients are produced one layer at a time, so scores
+against a query block never need the full p-vector of a point. Models with any other
+parametrised module, a layer called twice per forward, or train-mode BatchNorm are not
+eligible; :func:`layer_engine` then returns None and the ``torch.func`` path is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repif.gradients import per_sample_gradients
+from repif.task import FunctionalModel
+
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.Embedding)
+
+#: Agreement with the torch.func engine required on the self-check, per dtype: round-off of a
+#: different summation order, far below any real disagreement (a wrong formula is O(1) off).
+SELF_CHECK_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+@dataclass(frozen=True)
+class LayerBlock:
+    """One module's trainable parameters: names, flat offsets and sizes in the parameter space."""
+
+    module: nn.Module
+    names: tuple[str, ...]  # attribute names on the module: "weight", "bias"
+    offsets: tuple[int, ...]
+    numels: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.numels)
+
+
+def _eligible_module(m: nn.Module) -> bool:
+    if not isinstance(m, SUPPORTED):
+        return False
+    if isinstance(m, nn.Conv2d):
+        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return not m.training and m.track_running_stats and m.running_mean is not None
+    return True
+
+
+class LayerGradientEngine:
+    """Per-sample gradients of a :class:`FunctionalModel` at its parameters, by hooks."""
+
+    def __init__(self, fm: FunctionalModel, blocks: list[LayerBlock]) -> None:
+        self.fm = fm
+        self.blocks = blocks
+        self.workspace_numel = 0  # one point's largest per-layer temporary, set by the probe
+
+    def row_bytes(self, materialise: bool) -> int:
+        """Bytes one point adds beyond its backward pass: the largest layer's temporaries
+        (unfolded patches, its gradient block, its einsum output) and, when the full gradient
+        is materialised, the p-vector."""
+        extra = self.workspace_numel + 2 * self.largest_block
+        if materialise:
+            extra += self.fm.space.size
+        return extra * self.fm.theta.element_size()
+
+    @property
+    def largest_block(self) -> int:
+        return max(b.numel for b in self.blocks)
+
+    def _capture(self, inputs: Any, targets: Any, measure: str) -> dict[nn.Module, tuple]:
+        """One forward and one backward to the hooked layers' outputs only (no parameter
+        gradients are formed); (input activation, output gradient) per hooked module."""
+        fm = self.fm
+        acts: dict[nn.Module, Tensor] = {}
+        outs: dict[nn.Module, Tensor] = {}
+
+        def fwd(module: nn.Module, ins: tuple, out: Tensor) -> None:
+            acts[module] = ins[0].detach()
+            outs[module] = out
+
+        handles = [b.module.register_forward_hook(fwd) for b in self.blocks]
+        try:
+            theta = fm.theta.detach().requires_grad_(True)
+            values = fm.queries if measure == "query" else fm.losses
+            total = values(theta, inputs, targets).sum()
+        finally:
+            for h in handles:
+                h.remove()
+        modules = list(outs)
+        grads = torch.autograd.grad(total, [outs[m] for m in modules], allow_unused=True)
+        return {m: (acts[m], g if g is not None else torch.zeros_like(outs[m]))
+                for m, g in zip(modules, grads, strict=True)}
+
+    def layer_gradients(
+        self, inputs: Any, targets: Any, measure: str = "loss"
+    ) -> Iterator[tuple[int, Tensor]]:
+        """(flat offset, (b, numel) per-sample gradients) for each trainable parameter, one
+        layer at a time, in parameter order; nothing is copied into a p-wide row."""
+        captured = self._capture(inputs, targets, measure)
+        for block in self.blocks:
+            a, g = captured.pop(block.module)
+            named = _per_sample(block.module, a, g)
+            for name, off in zip(block.names, block.offsets, strict=True):
+                yield off, named.pop(name).reshape(a.shape[0], -1)
+
+    def gradients(self, inputs: Any, targets: Any, measure: str = "loss") -> Tensor:
+        """(b, p) per-sample gradients, in the flat parameter order."""
+        out: Tensor | None = None
+        for off, g in self.layer_gradients(inputs, targets, measure):
+            if out is None:
+                out = torch.empty(g.shape[0], self.fm.space.size, dtype=g.dtype,
+                                  device=g.device)
+            out[:, off : off + g.shape[1]] = g
+        assert out is not None
+        return out
+
+    def scores(self, factors: Tensor, inputs: Any, targets: Any) -> Tensor:
+        """(k, b) = factors (k, p) · per-sample gradients (b, p)ᵀ, one parameter at a time."""
+        out: Tensor | None = None
+        for off, g in self.layer_gradients(inputs, targets):
+            part = factors[:, off : off + g.shape[1]] @ g.T
+            out = part if out is None else out.add_(part)
+        assert out is not None
+        return out
+
+
+def _per_sample(m: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Per-sample gradients of module ``m``'s parameters from its input ``a`` and output
+    gradient ``g`` (both with the samples along dimension 0)."""
+    b = a.shape[0]
+    if isinstance(m, nn.Linear):
+        a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+        out = {"weight": torch.einsum("bto,bti->boi", g3, a3)}
+        if m.bias is not None:
+            out["bias"] = g3.sum(1)
+        return out
+    if isinstance(m, nn.Conv2d):
+        cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding,
+                        stride=m.stride)  # (b, in·kh·kw, P)
+        g3 = g.reshape(b, g.shape[1], -1)  # (b, out, P)
+        out = {"weight": torch.einsum("bop,bip->boi", g3, cols).reshape(b, *m.weight.shape)}
+        if m.bias is not None:
+            out["bias"] = g3.sum(2)
+        return out
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        shape = (1, -1) + (1,) * (a.ndim - 2)
+        xhat = (a - m.running_mean.reshape(shape)) * torch.rsqrt(
+            m.running_var.reshape(shape) + m.eps)
+        dims = list(range(2, a.ndim))  # positions; the channel is dim 1
+        out = {}
+        if m.weight is not None:
+            out["weight"] = (g * xhat).sum(dims) if dims else g * xhat
+            out["bias"] = g.sum(dims) if dims else g
+        return out
+    if isinstance(m, nn.LayerNorm):
+        nd = len(m.normalized_shape)
+        red = tuple(range(a.ndim - nd, a.ndim))
+        mean = a.mean(red, keepdim=True)
+        var = a.var(red, keepdim=True, unbiased=False)
+        xhat = (a - mean) * torch.rsqrt(var + m.eps)
+        lead = tuple(range(1, a.ndim - nd))
+        out = {}
+        if m.weight is not None:
+            out["weight"] = (g * xhat).sum(lead) if lead else g * xhat
+        if m.bias is not None:
+            out["bias"] = g.sum(lead) if lead else g
+        return out
+    if isinstance(m, nn.Embedding):
+        ids = a.reshape(b, -1)
+        g3 = g.reshape(b, ids.shape[1], -1)
+        w = torch.zeros(b, m.num_embeddings, g3.shape[-1], dtype=g.dtype, device=g.device)
+        w.scatter_add_(1, ids.unsqueeze(-1).expand_as(g3), g3)
+        return {"weight": w}
+    raise TypeError(f"no per-sample rule for {type(m).__name__}")
+
+
+def _blocks(fm: FunctionalModel) -> list[LayerBlock] | None:
+    """Trainable parameters grouped by owning module, or None if any module is unsupported."""
+    offsets = {}
+    off = 0
+    for name, numel in zip(fm.space.names, fm.space.numels, strict=True):
+        offsets[name] = (off, numel)
+        off += numel
+    blocks, seen = [], set()
+    for mod_name, m in fm.model.named_modules():
+        own = [(n, p) for n, p in m.named_parameters(recurse=False)]
+        full = [f"{mod_name}.{n}" if mod_name else n for n, _ in own]
+        trainable = [(n, f) for (n, _), f in zip(own, full, strict=True) if f in offsets]
+        if not trainable:
+            continue
+        if not _eligible_module(m) or any(n not in ("weight", "bias") for n, _ in trainable):
+            return None
+        seen.update(f for _, f in trainable)
+        blocks.append(LayerBlock(
+            m, tuple(n for n, _ in trainable), tuple(offsets[f][0] for _, f in trainable),
+            tuple(offsets[f][1] for _, f in trainable)))
+    if seen != set(offsets):  # a parameter shared by two modules, or registered oddly
+        return None
+    return sorted(blocks, key=lambda b: b.offsets[0])
+
+
+def layer_engine(fm: FunctionalModel, probe_inputs: Any, probe_targets: Any) -> (
+    LayerGradientEngine | None
+):
+    """The hook engine for ``fm`` if every trainable parameter is eligible and a self-check on
+    the probe points agrees with ``torch.func``; else None."""
+    blocks = _blocks(fm)
+    if blocks is None:
+        return None
+    calls: dict[nn.Module, int] = {}
+    handles = [b.module.register_forward_hook(
+        lambda m, _i, _o: calls.__setitem__(m, calls.get(m, 0) + 1)) for b in blocks]
+    try:
+        with torch.no_grad():
+            fm.output(fm.theta, probe_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(calls.get(b.module, 0) != 1 for b in blocks):  # unused or called twice
+        return None
+    engine = LayerGradientEngine(fm, blocks)
+    engine.workspace_numel = _workspace_numel(fm, blocks, probe_inputs)
+    try:
+        mine = engine.gradients(probe_inputs, probe_targets)
+    except (RuntimeError, TypeError, KeyError, ValueError):
+        return None
+    ref = per_sample_gradients(fm, probe_inputs, probe_targets)
+    tol = SELF_CHECK_TOL.get(fm.dtype, 1e-4)
+    if float((mine - ref).norm()) > tol * max(float(ref.norm()), 1e-30):
+        return None
+    return engine
+
+
+def _workspace_numel(fm: FunctionalModel, blocks: list[LayerBlock], inputs: Any) -> int:
+    """One point's largest per-layer temporary (a convolution's unfolded patches, or a layer's
+    input), in elements, measured by a forward on the probe's first point."""
+    sizes: list[int] = []
+
+    def measure(m: nn.Module, ins: tuple, _out: Tensor) -> None:
+        a = ins[0][:1]
+        if isinstance(m, nn.Conv2d):
+            kh, kw = m.kernel_size
+            sizes.append(int(a.numel() * kh * kw // max(1, m.stride[0] * m.stride[1])))
+        else:
+            sizes.append(int(a.numel()))
+
+    handles = [b.module.register_forward_hook(measure) for b in blocks]
+    try:
+        with torch.no_grad():
+            fm.output(fm.theta, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(sizes) if sizes else 0

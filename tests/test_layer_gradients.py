@@ -1,0 +1,130 @@
+"""The hook-based per-sample gradient engine against torch.func's vmap(grad) (a second
+implementation), on every layer type it handles, and its refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import repif
+from repif import datasets, models
+from repif.gradients import per_sample_gradients
+from repif.layer_gradients import layer_engine
+from repif.task import FunctionalModel
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _perturb_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, so their rules are exercised."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=gen, dtype=torch.float64) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=gen, dtype=torch.float64) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=gen, dtype=torch.float64) + 0.5)
+            m.bias.data.copy_(torch.rand(c, generator=gen, dtype=torch.float64) - 0.5)
+    return model
+
+
+class TokenClassifier(nn.Module):
+    """Embedding → LayerNorm → Linear applied per token (3-D input) → mean → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.norm = nn.LayerNorm(6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.norm(self.emb(ids)))).mean(1))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = datasets.load("digits")
+    return ds, ds.train[0][:24].double(), ds.train[1][:24]
+
+
+@pytest.mark.parametrize("name,kw", [("mlp", {}), ("cnn", {}), ("resnet", {}),
+                                     ("resnet18", {"width": 4})])
+def test_engine_matches_torch_func(digits, name, kw):
+    ds, x, y = digits
+    model = _perturb_norms(models.build(name, ds, **kw).double().eval())
+    fm = FunctionalModel(model)
+    engine = layer_engine(fm, x[:2], y[:2])
+    assert engine is not None
+    ref = per_sample_gradients(fm, x, y)
+    assert _rel(engine.gradients(x, y), ref) <= 1e-10
+    factors = torch.randn(3, fm.space.size, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(1))
+    assert _rel(engine.scores(factors, x, y), factors @ ref.T) <= 1e-10
+
+
+def test_engine_handles_embeddings_layernorm_and_token_dimensions():
+    torch.manual_seed(0)
+    model = TokenClassifier().double().eval()
+    ids = torch.randint(0, 11, (9, 5))
+    y = torch.randint(0, 3, (9,))
+    fm = FunctionalModel(model)
+    engine = layer_engine(fm, ids[:2], y[:2])
+    assert engine is not None
+    assert _rel(engine.gradients(ids, y), per_sample_gradients(fm, ids, y)) <= 1e-10
+
+
+class Shared(nn.Module):
+    """One Linear applied twice: its per-sample rule would miss the second use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+class FreeParameter(nn.Module):
+    """A bare nn.Parameter outside any supported layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x * self.scale)
+
+
+@pytest.mark.parametrize("cls", [Shared, FreeParameter])
+def test_ineligible_models_fall_back_and_still_agree(cls):
+    torch.manual_seed(0)
+    model = cls().double().eval()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    fm = FunctionalModel(model)
+    assert layer_engine(fm, x[:2], y[:2]) is None
+    auto = repif.InfluenceEstimator(model, (x, y), damping=0.1)
+    assert auto.cost.engine is None
+    func = repif.InfluenceEstimator(model, (x, y), damping=0.1, per_sample="func")
+    torch.testing.assert_close(auto.influence((x[:3], y[:3])), func.influence((x[:3], y[:3])))
+    with pytest.raises(ValueError, match="per_sample='hooks' needs"):
+        repif.InfluenceEstimator(model, (x, y), per_sample="hooks")
+
+
+def test_hooks_and_func_give_the_same_influence(digits):
+    ds, x, y = digits
+    model = _perturb_norms(models.build("resnet", ds).double().eval())
+    kw = dict(damping=0.1, solver="cg", sampler="random", sample_size=8, seed=2)
+    hooks = repif.InfluenceEstimator(model, (x, y), per_sample="hooks", **kw)
+    func = repif.InfluenceEstimator(model, (x, y), per_sample="func", **kw)
+    assert hooks.cost.engine is not None and func.cost.engine is None
+    test = (x[:4], y[:4])
+    assert _rel(hooks.influence(test), func.influence(test)) <= 1e-9
+    assert _rel(hooks.self_influence(), func.self_influence()) <= 1e-9
+    with pytest.raises(ValueError, match="per_sample must be one of"):
+        repif.InfluenceEstimator(model, (x, y), per_sample="fast")

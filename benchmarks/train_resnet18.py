@@ -23,9 +23,11 @@ HERE = Path(__file__).parent
 CACHE = HERE / "cache"
 RESULTS = HERE / "results" / "resnet18-training.json"
 
-#: Recipe: Adam at 1e-3 with batches of 128 reaches ≥ 99% MNIST test accuracy within 1–2 epochs
-#: for this architecture; no weight decay (damping conditions the curvature instead).
-RECIPE = {"epochs": 2, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.0, "seed": 0}
+#: Recipe: Adam from 1e-3 with cosine decay to 0, batches of 128; no weight decay (damping
+#: conditions the curvature instead). A constant rate left BatchNorm's running statistics behind
+#: the weights (width 16, 2 epochs: 96.7% test accuracy in eval mode, 98.6% with batch stats).
+RECIPE = {"epochs": 2, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.0, "seed": 0,
+          "schedule": "cosine"}
 
 
 def recipe(epochs: int) -> dict:
@@ -38,7 +40,7 @@ def trained(data_dir: str, width: int, epochs: int, progress: bool = False) -> t
     r = recipe(epochs)
     return load_or_train(ds, "resnet18", width=width, seed=r["seed"], epochs=r["epochs"],
                          weight_decay=r["weight_decay"], lr=r["lr"], batch_size=r["batch_size"],
-                         cache_dir=CACHE, progress=progress)
+                         schedule=r["schedule"], cache_dir=CACHE, progress=progress)
 
 
 @torch.no_grad()

@@ -6,14 +6,19 @@ by a sampler; see :class:`InfluenceEstimator` for the conventions.
 
 from repif import datasets, models, samplers, solvers
 from repif.estimator import InfluenceEstimator, TopK
-from repif.task import ClassificationTask
+from repif.fitting import FittedCurvature
+from repif.memory import MemoryBudget
+from repif.task import ClassificationTask, Task
 from repif.training import load_or_train, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClassificationTask",
+    "FittedCurvature",
     "InfluenceEstimator",
+    "MemoryBudget",
+    "Task",
     "TopK",
     "__version__",
     "datasets",

@@ -31,6 +31,9 @@ from repif.data import as_tensors
 
 DEFAULT_LR = {"adam": 1e-2, "sgd": 0.1}
 OPTIMIZERS = tuple(DEFAULT_LR)
+#: Learning-rate schedules: constant, or cosine decay to 0 over all steps (ends with small
+#: steps, so BatchNorm's running statistics settle on the final weights).
+SCHEDULES = ("constant", "cosine")
 
 
 def train(
@@ -47,6 +50,7 @@ def train(
     progress: bool = False,
     cache_dir: str | os.PathLike | None = None,
     cache_key: dict[str, Any] | None = None,
+    schedule: str = "constant",
 ) -> nn.Module:
     """Train ``model`` in place on ``train`` and return the same module, in ``eval()`` mode.
 
@@ -62,6 +66,8 @@ def train(
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
     lr = DEFAULT_LR[optimizer] if lr is None else float(lr)
@@ -79,6 +85,8 @@ def train(
         "optimizer": optimizer,
         "objective": "mean cross-entropy + weight_decay/2 * ||theta||^2",
     }
+    if schedule != "constant":  # absent for the default, so earlier cache keys still hit
+        recipe["schedule"] = schedule
     path = meta = None
     if cache_dir is not None:
         meta = _cache_metadata(model, x, y, recipe, cache_key)
@@ -110,6 +118,7 @@ def load_or_train(
     optimizer: str = "adam",
     hidden: int | None = None,
     width: int | None = None,
+    schedule: str = "constant",
 ) -> nn.Module:
     """Build ``model_name`` for ``dataset`` with ``seed`` and train it on ``dataset.train``,
     reusing a cached model from ``cache_dir`` when its metadata (dataset name, sizes, shapes and a
@@ -144,6 +153,7 @@ def load_or_train(
         progress=progress,
         cache_dir=cache_dir,
         cache_key=key,
+        schedule=schedule,
     )
 
 
@@ -206,12 +216,19 @@ def _fit(
 
         epochs = tqdm(epochs, desc="training", unit="epoch")
     model.train()
+    total_steps = recipe["epochs"] * -(-n // bs)
+    step = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(recipe["seed"])
         for _ in epochs:
             order = torch.randperm(n, generator=gen)
             total = 0.0
             for start in range(0, n, bs):
+                if recipe.get("schedule") == "cosine":
+                    decay = 0.5 * (1 + math.cos(math.pi * step / total_steps))
+                    for group in opt.param_groups:
+                        group["lr"] = recipe["lr"] * decay
+                step += 1
                 idx = order[start : start + bs]
                 xb, yb = x[idx].to(device), y[idx].to(device).long()
                 opt.zero_grad(set_to_none=True)

@@ -69,7 +69,7 @@ class LissaSolver(Solver):
             return op
         local = torch.multinomial(op.weights.double().cpu(), self.batch_size, True, generator=gen)
         w = torch.full((self.batch_size,), 1.0 / self.batch_size)
-        return op.restrict(local.to(op.x.device), w)
+        return op.restrict(local.to(op.weights.device), w)
 
     def _diverged(self, j: int, norm: float, g_norm: float) -> SolverDivergedError:
         return SolverDivergedError(

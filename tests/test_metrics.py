@@ -1,4 +1,4 @@
-"""The removal and faithfulness metrics of DESIGN §4, on small hand-made inputs."""
+"""The removal and faithfulness metrics of docs/design.md, "Protocol", on small hand-made inputs."""
 
 from __future__ import annotations
 

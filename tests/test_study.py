@@ -1,4 +1,4 @@
-"""The class-removal study (DESIGN §4, §9): results.json schema, determinism, resume, stale
+"""The class-removal study (docs/design.md, "Protocol"): results.json schema, determinism, resume, stale
 results, corrupt files and the report.
 
 One tiny configuration (digits MLP trained for 5 epochs on 400 points, 2 samplers × sizes 8 and

@@ -1,4 +1,4 @@
-"""How good a class removal and an inverse-HVP estimate are (DESIGN §4)."""
+"""How good a class removal and an inverse-HVP estimate are (docs/design.md, "Protocol")."""
 
 from __future__ import annotations
 

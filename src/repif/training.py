@@ -4,7 +4,7 @@ Objective: mean cross-entropy over the training set plus ``(weight_decay / 2) * 
 all trainable parameters. The L2 term enters through the optimiser's ``weight_decay=`` argument,
 which adds ``weight_decay * θ`` to each gradient (plain L2 for Adam and SGD, *not* AdamW's
 decoupled decay) — exactly the gradient of that term. Influence curvature must therefore add
-``weight_decay * I`` (see the design notes, §1).
+``weight_decay * I`` (docs/design.md, "Maths").
 
 Determinism: batches are shuffled by a ``torch.Generator`` seeded with ``seed`` and any other
 randomness runs inside ``torch.random.fork_rng`` seeded with ``seed``, so the same model, data,

@@ -1,9 +1,9 @@
 """The class-removal study: for each removed class, sampler, size and seed, one influence update.
 
-Results go to ``DIR/results.json`` (schema in DESIGN §9), rewritten atomically after every cell;
-the estimates v_T are kept in ``DIR/vectors/`` for the seed spread. Re-running the same command
-resumes: cells whose configuration hash matches are skipped. A results file from another
-configuration is moved aside to ``results.<hash>.json``, never overwritten in place.
+Results go to ``DIR/results.json`` (schema in docs/design.md, "Protocol"), rewritten atomically
+after every cell; the estimates v_T are kept in ``DIR/vectors/`` for the seed spread. Re-running
+the same command resumes: cells whose configuration hash matches are skipped. A results file from
+another configuration is moved aside to ``results.<hash>.json``, never overwritten in place.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from repif.unlearning import remaining_indices, removal_gradient
 
 log = logging.getLogger("repif.study")
 
-#: The full-pool reference v_R: CG to a relative residual of 1e-10 (tighter than DESIGN's 1e-8;
-#: a dense solve over the whole pool was 40× slower on the digits MLP for the same answer).
+#: The full-pool reference v_R (docs/design.md, "Protocol"): CG to a relative residual of 1e-10
+#: (tighter than the usual 1e-8; a dense solve over the whole pool was 40× slower on the digits
+#: MLP for the same answer).
 REFERENCE_SOLVER = {"solver": "cg", "tol": 1e-10, "max_iter": 10_000}
 
 

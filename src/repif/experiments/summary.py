@@ -66,7 +66,7 @@ def references(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the study shows against ``random`` (DESIGN §4).
+    """What the study shows against ``random`` (docs/design.md, "Protocol").
 
     ``match``: per smart sampler, the smallest size whose mean F1 reaches random's F1 at
     random's largest size (within MATCH_TOLERANCE), and the time and memory saved there.

@@ -1,5 +1,5 @@
-"""The class-removal study (docs/design.md, "Protocol"): results.json schema, determinism, resume, stale
-results, corrupt files and the report.
+"""The class-removal study (docs/design.md, "Protocol"): results.json schema, determinism, resume,
+stale results, corrupt files and the report.
 
 One tiny configuration (digits MLP trained for 5 epochs on 400 points, 2 samplers × sizes 8 and
 64 × 2 seeds) is run once per module and copied where a test needs an earlier run.

@@ -1,8 +1,8 @@
 """Faithfulness of subset-curvature inverse-HVPs: every sampler against the full-pool solve.
 
 Protocol (docs/design.md, "Protocol"): remove class 0. The pool R is every training point of the
-other classes, g = (1/|R|) Σ_{z in class 0} ∇l(z), and the reference v_R = (C_R + λI)⁻¹ g uses the GGN
-of all of R (CG to a relative residual of 1e-10, checked afterwards). For every sampler, sample
+other classes, g = (1/|R|) Σ_{z in class 0} ∇l(z), and the reference v_R = (C_R + λI)⁻¹ g uses the
+GGN of all of R (CG to a relative residual of 1e-10, checked afterwards). For every sampler, sample
 size m and seed, v_T = InfluenceEstimator(..., solver="woodbury", sampler=s, sample_size=m,
 seed=seed).fit(R).inverse_hvp(g); each sampler also runs with ``shrinkage="auto"`` (labelled
 "<sampler>+shrink"). Per (sampler, m): ‖v_T − v_R‖/‖v_R‖ and cosine(v_T, v_R) as mean ± std

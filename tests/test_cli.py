@@ -1,5 +1,6 @@
 """The ``repif`` command line (docs/design.md, "Protocol"): a real class-removal run, the
-``python -m repif`` entry point, help text, and bad input that must fail with one clear line and touch nothing."""
+``python -m repif`` entry point, help text, and bad input that must fail with one clear line and
+touch nothing."""
 
 from __future__ import annotations
 

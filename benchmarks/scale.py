@@ -5,11 +5,11 @@
 
 Each step runs in its own process, so its peak resident memory (``ru_maxrss``) is its own:
 
-* ``pool``: the logit/feature pass over all 60,000 training images;
-* ``fit``: ``fit()`` with ``solver="cg"``, ``sampler="logit-importance"``, m = 256 (the pool
-  pass plus gathering the subset; CG has no set-up);
-* ``ihvp``: the same fit, then (C + λI)⁻¹∇l for 10 test points (CG, at most ``--cg-iters``
-  steps, all 10 right-hand sides in one block);
+* ``fit``: ``fit()`` with ``solver="cg"``, ``sampler="logit-importance"``, m = 256: the
+  logit/feature pass over all 60,000 training images (reported apart as ``pool_s``), the draw and
+  gathering the subset (CG has no set-up); then (C + λI)⁻¹∇l for 10 test points (CG, at most
+  ``--cg-iters`` steps, all 10 right-hand sides in one block), with the peak RSS read after the
+  fit and again after the solves;
 * ``influence``: scores of 10 test points against the first n training points (n = 15k, 30k,
   60k), streamed; timed with the ``identity`` solver so that the row measures the streaming pass
   alone (the solve of the 10 test gradients is the ``ihvp`` row);
@@ -39,7 +39,7 @@ REPORT = HERE / "results" / "scale.md"
 N_QUERIES = 10
 SAMPLE_SIZE = 256
 INFLUENCE_SIZES = (15_000, 30_000, 60_000)
-STEPS = ("pool", "fit", "ihvp", "influence", "remove")
+STEPS = ("fit", "influence", "remove")
 #: Damping for the ResNet GGN (mean-loss curvature of a network at ~99% training accuracy,
 #: whose top eigenvalues are O(1)); the same at every width.
 DAMPING = 1e-2
@@ -75,20 +75,20 @@ def run_step(job: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     row: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if step == "pool":
-        est = repif.InfluenceEstimator(model, (x, y), solver="identity", **kw)
-        est.pool().logits  # noqa: B018 - the pass itself is what is measured
-    elif step in ("fit", "ihvp"):
+    if step == "fit":
         est = repif.InfluenceEstimator(model, (x, y), solver="cg", sampler="logit-importance",
                                        sample_size=SAMPLE_SIZE, max_iter=job["cg_iters"], **kw)
         est.fit()
-        if step == "ihvp":
-            t1 = time.perf_counter()
-            v = est.inverse_hvp(est.test_gradients(test))
-            sync()
-            row["ihvp_only_s"] = time.perf_counter() - t1
-            row["cg_iterations"] = est.solver.iterations[-N_QUERIES:]
-            row["ihvp_norms"] = [float(n) for n in v.norm(dim=1)]
+        sync()
+        row["pool_s"] = est.timings["sample_s"]
+        row["fit_s"] = time.perf_counter() - t0
+        row["fit_peak_rss_bytes"] = peak_rss_bytes()
+        t1 = time.perf_counter()
+        v = est.inverse_hvp(est.test_gradients(test))
+        sync()
+        row["ihvp_s"] = time.perf_counter() - t1
+        row["cg_iterations"] = est.solver.iterations[-N_QUERIES:]
+        row["ihvp_norms"] = [float(n) for n in v.norm(dim=1)]
     elif step == "influence":
         est = repif.InfluenceEstimator(model, (x, y), solver="identity", **kw)
         scores = est.influence(test, train_indices=torch.arange(job["n"]))
@@ -154,8 +154,10 @@ def report(rows: list[dict[str, Any]]) -> str:
     for r in sorted(rows, key=lambda r: (r["device"], r["width"], STEPS.index(r["step"]),
                                          r.get("n") or 0)):
         notes = []
-        if "ihvp_only_s" in r:
-            notes.append(f"solve {r['ihvp_only_s']:.1f} s, CG steps {max(r['cg_iterations'])}")
+        if "ihvp_s" in r:
+            notes.append(f"pool pass {r['pool_s']:.1f} s; fit {r['fit_s']:.1f} s, peak "
+                         f"{r['fit_peak_rss_bytes'] / 2**30:.2f} GB; 10 inverse-HVPs "
+                         f"{r['ihvp_s']:.1f} s ({max(r['cg_iterations'])} CG steps)")
         if "f1" in r:
             notes.append(f"forget {r['forget']:.3f}, consistency {r['consistency']:.3f}")
         if "engine" in r:
@@ -179,7 +181,7 @@ def report(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--data-dir", help="directory with the four MNIST IDX files")
     ap.add_argument("--widths", default="16,32,64")
     ap.add_argument("--epochs", default="2,2,1", help="training epochs per width (see "
                     "train_resnet18.py): one figure or one per width")
@@ -193,6 +195,8 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(run_step(json.loads(args.child))), flush=True)
         return
+    if not args.data_dir:
+        ap.error("--data-dir is required (the MNIST IDX files; see README, Data)")
     widths = [int(w) for w in args.widths.split(",")]
     epochs = [int(e) for e in args.epochs.split(",")]
     epochs = epochs * len(widths) if len(epochs) == 1 else epochs

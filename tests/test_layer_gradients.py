@@ -128,3 +128,34 @@ def test_hooks_and_func_give_the_same_influence(digits):
     assert _rel(hooks.self_influence(), func.self_influence()) <= 1e-9
     with pytest.raises(ValueError, match="per_sample must be one of"):
         repif.InfluenceEstimator(model, (x, y), per_sample="fast")
+
+
+class ConvZoo(nn.Module):
+    """Convolutions with stride, padding, dilation, groups (and depthwise), with and without
+    bias, and a BatchNorm1d after a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 6, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=3, bias=False)
+        self.c3 = nn.Conv2d(6, 6, (3, 1), padding=(1, 0), groups=6)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c3(torch.tanh(self.c2(torch.tanh(self.c1(x))))))
+        return self.head(torch.tanh(self.bn(self.fc(h.flatten(1)))))
+
+
+def test_engine_on_strided_dilated_grouped_convolutions():
+    torch.manual_seed(0)
+    model = _perturb_norms(ConvZoo().double().eval())
+    x, y = torch.randn(7, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (7,))
+    fm = FunctionalModel(model)
+    engine = layer_engine(fm, x[:2], y[:2])
+    assert engine is not None
+    ref = per_sample_gradients(fm, x, y)
+    assert _rel(engine.gradients(x, y), ref) <= 1e-10
+    factors = torch.randn(4, fm.space.size, dtype=torch.float64)
+    assert _rel(engine.scores(factors, x, y), factors @ ref.T) <= 1e-10

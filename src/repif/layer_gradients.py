@@ -5,7 +5,8 @@ forward+backward of the summed per-sample losses; a sample's parameter gradient 
 form in (a_i, g_i) (docs/design.md, "Scale"):
 
 * ``nn.Linear``: ∇W_i = Σ_t g_it a_itᵀ (t over any extra dims, e.g. tokens), ∇b_i = Σ_t g_it;
-* ``nn.Conv2d``: the same sum over output positions, with a the unfolded input patches;
+* ``nn.Conv2d``: the same sum over output positions, with a the unfolded input patches (per
+  group for grouped and depthwise convolutions);
 * ``nn.BatchNorm*d`` (eval mode) and ``nn.LayerNorm``: ∇γ_i = Σ g_i ⊙ x̂_i, ∇β_i = Σ g_i;
 * ``nn.Embedding``: ∇E_i = Σ_t e_{id_it} g_itᵀ (a scatter-add).
 
@@ -54,7 +55,7 @@ def _eligible_module(m: nn.Module) -> bool:
     if not isinstance(m, SUPPORTED):
         return False
     if isinstance(m, nn.Conv2d):
-        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+        return m.padding_mode == "zeros" and not isinstance(m.padding, str)
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return not m.training and m.track_running_stats and m.running_mean is not None
     return True
@@ -150,11 +151,14 @@ def _per_sample(m: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
         return out
     if isinstance(m, nn.Conv2d):
         cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding,
-                        stride=m.stride)  # (b, in·kh·kw, P)
-        g3 = g.reshape(b, g.shape[1], -1)  # (b, out, P)
-        out = {"weight": torch.einsum("bop,bip->boi", g3, cols).reshape(b, *m.weight.shape)}
+                        stride=m.stride)  # (b, in·kh·kw, P), channel-major rows
+        groups = m.groups
+        g4 = g.reshape(b, groups, g.shape[1] // groups, -1)  # (b, G, out/G, P)
+        c4 = cols.reshape(b, groups, cols.shape[1] // groups, -1)  # (b, G, in/G·kh·kw, P)
+        w = torch.einsum("bgop,bgip->bgoi", g4, c4)
+        out = {"weight": w.reshape(b, *m.weight.shape)}
         if m.bias is not None:
-            out["bias"] = g3.sum(2)
+            out["bias"] = g4.sum(3).reshape(b, -1)
         return out
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
         shape = (1, -1) + (1,) * (a.ndim - 2)

@@ -233,7 +233,8 @@ def main() -> None:
                        **json.loads(lines[-1][len("RESULT "):])}
                 print(f"  {row['wall_s']:.1f} s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} "
                       "GB", flush=True)
-                rows.append(row)
+                # merge with what other runs wrote meanwhile (two widths may run at once)
+                rows = [r for r in load_rows() if key(r) != key(row)] + [row]
                 save_rows(rows)
 
 

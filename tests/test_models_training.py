@@ -177,3 +177,21 @@ def test_train_cache_keyed_by_data(digits, tmp_path, fit_counter):
     assert len(fit_counter) == 2
     train(models.build("mlp", digits, seed=5), (x[:100], y[:100]), epochs=1, cache_dir=tmp_path)
     assert len(fit_counter) == 3
+
+
+def test_cosine_schedule_is_deterministic_and_differs_from_constant():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+
+    def fit(schedule: str) -> torch.Tensor:
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            model.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
+        train(model, (x, y), epochs=3, batch_size=8, seed=0, schedule=schedule)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(fit("cosine"), fit("cosine"))
+    assert not torch.allclose(fit("cosine"), fit("constant"))
+    with pytest.raises(ValueError, match="unknown schedule 'step'"):
+        train(nn.Linear(5, 3), (x, y), schedule="step")

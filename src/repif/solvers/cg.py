@@ -8,33 +8,54 @@ import torch
 from torch import Tensor
 
 from repif.errors import SolverDivergedError
-from repif.solvers.base import RHS_BLOCK_SIZE, Solver
+from repif.solvers.base import (
+    RHS_BLOCK_SIZE,
+    Solver,
+    positive_int,
+    singular_threshold,
+    tolerance,
+)
 
 
 class CGSolver(Solver):
-    """Stops a right-hand side g when ‖r‖ ≤ tol · ‖g‖, or every one after ``max_iter`` steps.
+    """Stops a right-hand side g when ‖r‖ ≤ tol · ‖g‖, or every one after ``max_iter`` steps
+    (with a RuntimeWarning naming how far they got).
 
     Each column of a block runs its own CG recursion (its own step sizes), so the result equals
     one-at-a-time CG; only the curvature products are batched (``block_size`` rows per pass).
-    Needs C + λI positive definite: a direction with dᵀ(C + λI)d ≤ 0 raises
-    :class:`SolverDivergedError` (use ``curvature="ggn"`` or more damping).
+    Needs C + λI positive definite: a search direction d with dᵀ(C + λI)d ≤ 0, or so small
+    against the largest dᵀ(C + λI)d/‖d‖² seen that the system is singular to working precision,
+    raises :class:`SolverDivergedError` (indefinite Hessian: use ``curvature="ggn"`` or more
+    damping; singular GGN: more damping).
     """
 
     name = "cg"
 
     def __init__(self, tol: float = 1e-8, max_iter: int = 1000,
                  block_size: int = RHS_BLOCK_SIZE) -> None:
-        if max_iter <= 0 or block_size <= 0:
-            raise ValueError(
-                f"max_iter and block_size must be positive, got {max_iter}, {block_size}")
-        self.tol = tol
-        self.max_iter = max_iter
-        self.block_size = block_size
+        self.tol = tolerance(tol)
+        self.max_iter = positive_int(max_iter, "max_iter")
+        self.block_size = positive_int(block_size, "block_size")
         self.iterations: list[int] = []
 
     def _apply(self, d: Tensor) -> Tensor:
         """(C + λI) D for (k, p) rows."""
         return self.operator.matmat(d) + self.damping * d
+
+    def _breakdown(self, it: int, rq: float, rq_max: float) -> SolverDivergedError:
+        if rq <= 0 and self.operator.kind == "hessian":
+            return SolverDivergedError(
+                f"CG met non-positive curvature dᵀ(C+λI)d/‖d‖² = {rq:.3e} at iteration {it} "
+                f"with damping={self.damping:g}: the Hessian is indefinite; use "
+                "curvature='ggn' (always positive semi-definite) or raise the damping above "
+                "the most negative eigenvalue's magnitude"
+            )
+        # the GGN is PSD, so only a (numerically) singular C + λI gets here
+        return SolverDivergedError(
+            f"CG broke down at iteration {it}: C + λI is singular to working precision "
+            f"(dᵀ(C+λI)d/‖d‖² = {rq:.3e}, largest seen {rq_max:.3e}, damping={self.damping:g}); "
+            "raise the damping"
+        )
 
     def _solve_block(self, g: Tensor) -> Tensor:
         x = torch.zeros_like(g)
@@ -45,18 +66,19 @@ class CGSolver(Solver):
         iters = torch.full((g.shape[0],), self.max_iter, device=g.device)
         active = torch.nonzero(g_norm > 0).squeeze(1)
         iters[g_norm == 0] = 0
+        tiny = singular_threshold(g.dtype)
+        rq_max = 0.0
         for it in range(1, self.max_iter + 1):
             if active.numel() == 0:
                 break
             da = d[active]
             ad = self._apply(da)
             curv = (da * ad).sum(1)
-            if bool((curv <= 0).any()):
-                raise SolverDivergedError(
-                    f"CG met non-positive curvature dᵀ(C+λI)d = {float(curv.min()):.3e} at "
-                    f"iteration {it} with damping={self.damping}; the curvature is indefinite "
-                    "— use curvature='ggn' (always PSD) or raise the damping"
-                )
+            rq = curv / (da * da).sum(1)  # Rayleigh quotients, in [λ_min, λ_max] of C + λI
+            rq_max = max(rq_max, float(rq.max()))
+            low = rq <= tiny * rq_max
+            if bool(low.any()):
+                raise self._breakdown(it, float(rq[low].min()), rq_max)
             alpha = (rr[active] / curv)[:, None]
             x[active] += alpha * da
             r_a = r[active] - alpha * ad
@@ -75,10 +97,10 @@ class CGSolver(Solver):
                 f"right-hand sides, worst relative residual {worst:.2e} > tol={self.tol}; raise "
                 "max_iter or the damping",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return x
 
-    def solve(self, g: Tensor) -> Tensor:
+    def _solve(self, g: Tensor) -> Tensor:
         return torch.cat([self._solve_block(g[s : s + self.block_size])
                           for s in range(0, g.shape[0], self.block_size)])

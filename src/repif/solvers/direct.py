@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from repif.errors import TooLargeError
-from repif.solvers.base import Solver
+from repif.errors import SolverDivergedError, TooLargeError
+from repif.solvers.base import Solver, positive_int, singular_threshold
 
 #: Largest parameter count a dense solve accepts by default: a 20,000² float64 matrix is 3.2 GB,
 #: about what a 24 GB, 2-core machine can factorise in a minute.
@@ -17,7 +17,7 @@ class DirectSolver(Solver):
     name = "direct"
 
     def __init__(self, max_params: int = DIRECT_MAX_PARAMS) -> None:
-        self.max_params = max_params
+        self.max_params = positive_int(max_params, "max_params")
 
     def _prepare(self) -> None:
         p = self.operator.size
@@ -36,15 +36,28 @@ class DirectSolver(Solver):
         a = self.operator.dense()
         a.diagonal().add_(self.damping)
         self._dtype = a.dtype
+        if not bool(torch.isfinite(a).all()):
+            raise SolverDivergedError(
+                f"solver 'direct': the curvature matrix holds non-finite values; {self.fix()}")
         chol, info = torch.linalg.cholesky_ex(a)
         if int(info) == 0:
             self._chol, self._lu = chol, None
+            pivots = chol.diagonal().square()
         else:  # indefinite (exact Hessian of a non-convex model): LU still solves it exactly
             del chol
-            self._chol, self._lu = None, torch.linalg.lu_factor(a)
+            lu, piv, _ = torch.linalg.lu_factor_ex(a)
+            self._chol, self._lu = None, (lu, piv)
+            pivots = lu.diagonal().abs()
         # only the factorisation is kept: C + λI itself would double the solver's memory
+        smallest, largest = float(pivots.min()), float(pivots.max())
+        if not smallest > singular_threshold(a.dtype) * largest:
+            raise SolverDivergedError(
+                f"solver 'direct': C + λI is singular to working precision (smallest pivot "
+                f"{smallest:.3e} against largest {largest:.3e}), so its solve would be "
+                f"round-off; {self.fix()}"
+            )
 
-    def solve(self, g: Tensor) -> Tensor:
+    def _solve(self, g: Tensor) -> Tensor:
         rhs = g.T.to(self._dtype)
         if self._chol is not None:
             x = torch.cholesky_solve(rhs, self._chol)

@@ -9,6 +9,7 @@ from repif.solvers.base import Solver
 
 class IdentitySolver(Solver):
     name = "identity"
+    uses_curvature = False
 
-    def solve(self, g: Tensor) -> Tensor:
+    def _solve(self, g: Tensor) -> Tensor:
         return g.clone()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch import Tensor
 
 from repif.errors import SolverDivergedError
-from repif.solvers.base import RHS_BLOCK_SIZE, Solver
+from repif.solvers.base import RHS_BLOCK_SIZE, Solver, positive_int, positive_number, tolerance
 from repif.solvers.spectral import top_eigenvalue
 
 #: scale = margin × (λ_max(C) + λ). The Neumann series needs scale above every eigenvalue of
@@ -14,8 +17,11 @@ from repif.solvers.spectral import top_eigenvalue
 #: the subset's, so we leave 25% headroom.
 AUTO_SCALE_MARGIN = 1.25
 
-#: The iterate converges to scale · (C+λI)⁻¹ g, whose norm is at most scale/λ · ‖g‖; an iterate
-#: this many times larger than that bound can only be divergence.
+#: While the series converges, every factor I − (C_B + λI)/scale has eigenvalues in [−1, 1],
+#: so the j-th iterate v_j = Σ_{i≤j} (…)ⁱ g has norm ≤ (j + 1)‖g‖, and with λ > 0 also
+#: ≤ (scale/λ)‖g‖ (the limit's bound). An iterate this many times past that bound can only be
+#: divergence (scale below an eigenvalue, or an indefinite curvature), whatever the damping; the
+#: margin covers mini-batches whose curvature exceeds the subset's.
 DIVERGENCE_FACTOR = 10.0
 
 
@@ -24,8 +30,11 @@ class LissaSolver(Solver):
 
     ``batch_size=None`` uses the whole (weighted) subset each step, which is deterministic;
     otherwise each step draws ``batch_size`` subset points with probability ∝ their weights
-    (an unbiased estimate of C). Stops a row early when ‖v_{j+1} − v_j‖ ≤ tol·‖v_{j+1}‖.
+    (an unbiased estimate of C). Stops a row early when ‖v_{j+1} − v_j‖ ≤ tol·‖v_{j+1}‖, and warns
+    (RuntimeWarning) when rows reach ``depth`` first (``tol=0``: run to depth, no warning).
     Up to ``block_size`` right-hand sides run together on the same batches (batched products).
+    An iterate growing past its bound (see DIVERGENCE_FACTOR) raises
+    :class:`SolverDivergedError` naming the scale or curvature to use.
     """
 
     name = "lissa"
@@ -41,22 +50,26 @@ class LissaSolver(Solver):
         seed: int = 0,
         block_size: int = RHS_BLOCK_SIZE,
     ) -> None:
-        if depth <= 0 or repeats <= 0:
-            raise ValueError(f"depth and repeats must be positive, got {depth}, {repeats}")
-        if block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {block_size}")
-        if batch_size is not None and batch_size <= 0:
-            raise ValueError(f"batch_size must be positive or None, got {batch_size}")
-        if scale != "auto" and not (isinstance(scale, (int, float)) and scale > 0):
-            raise ValueError(f"scale must be 'auto' or a positive number, got {scale!r}")
-        self.depth, self.repeats, self.batch_size = depth, repeats, batch_size
-        self.scale_option, self.tol, self.power_iters, self.seed = scale, tol, power_iters, seed
-        self.block_size = block_size
+        self.depth = positive_int(depth, "depth")
+        self.repeats = positive_int(repeats, "repeats")
+        self.block_size = positive_int(block_size, "block_size")
+        self.batch_size = None if batch_size is None else positive_int(batch_size, "batch_size")
+        if scale != "auto":
+            if isinstance(scale, str):
+                raise ValueError(f"scale must be 'auto' or a positive number, got {scale!r}")
+            scale = positive_number(scale, "scale")
+        self.scale_option, self.tol = scale, tolerance(tol)
+        self.power_iters, self.seed = positive_int(power_iters, "power_iters"), seed
         self.steps_taken: list[int] = []
 
     def _prepare(self) -> None:
         if self.scale_option == "auto":
             lam_max = top_eigenvalue(self.operator, iters=self.power_iters, seed=self.seed)
+            if not math.isfinite(lam_max):
+                raise SolverDivergedError(
+                    f"LiSSA's power iteration gave λ_max = {lam_max}; the curvature products "
+                    f"are not finite; {self.fix()}"
+                )
             self.scale = AUTO_SCALE_MARGIN * (lam_max + self.damping)
         else:
             self.scale = float(self.scale_option)
@@ -72,21 +85,29 @@ class LissaSolver(Solver):
         return op.restrict(local.to(op.weights.device), w)
 
     def _diverged(self, j: int, norm: float, g_norm: float) -> SolverDivergedError:
+        if self.operator.kind == "hessian":
+            fix = (f"raise scale (e.g. scale={2 * self.scale:.4g}); if that does not help the "
+                   "Hessian is indefinite: use curvature='ggn' (always positive semi-definite) "
+                   "or raise the damping")
+        else:
+            fix = f"raise scale (e.g. scale={2 * self.scale:.4g}) or the damping"
         return SolverDivergedError(
             f"LiSSA diverged at step {j} (iterate norm {norm:.3e}, right-hand side {g_norm:.3e}) "
-            f"with scale={self.scale:.4g} and damping={self.damping}; raise scale (e.g. "
-            f"scale={2 * self.scale:.4g}) or the damping"
+            f"with scale={self.scale:.4g} and damping={self.damping:g}; {fix}"
         )
 
-    def _solve_block(self, g: Tensor, gen: torch.Generator) -> Tensor:
+    def _solve_block(self, g: Tensor, gen: torch.Generator) -> tuple[Tensor, int, float]:
         """One Neumann recursion per row of g (k, p); every row sees the same batches, so the
-        batch's curvature is pushed through all still-running rows at once."""
+        batch's curvature is pushed through all still-running rows at once. Returns the
+        estimates, the number of rows that reached depth before tol and their largest last
+        relative step."""
         g_norm = g.norm(dim=1)
-        bound = DIVERGENCE_FACTOR * g_norm * self.scale / self.damping if self.damping else None
+        limit = self.scale / self.damping if self.damping else math.inf
         v = g.clone()
         steps = torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
         active = torch.nonzero(g_norm > 0).squeeze(1)
         v[g_norm == 0] = 0.0
+        last_step = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
         for j in range(1, self.depth + 1):
             if active.numel() == 0:
                 break
@@ -95,21 +116,37 @@ class LissaSolver(Solver):
             av = op.matmat(va)
             v_new = g[active] + va - (av + self.damping * va) / self.scale
             norm = v_new.norm(dim=1)
-            bad = ~torch.isfinite(norm) if bound is None else ~(norm <= bound[active])
+            bound = DIVERGENCE_FACTOR * min(j + 1, limit) * g_norm[active]
+            bad = ~(norm <= bound)  # NaN fails too
             if bool(bad.any()):
                 i = int(torch.nonzero(bad)[0])
                 raise self._diverged(j, float(norm[i]), float(g_norm[active][i]))
             change = (v_new - va).norm(dim=1)
             v[active] = v_new
             steps[active] = j
+            last_step[active] = change / norm.clamp_min(torch.finfo(g.dtype).tiny)
             active = active[change > self.tol * norm]
         self.steps_taken.extend(steps[g_norm > 0].tolist())
-        return v / self.scale
+        unfinished = active.numel() if self.tol > 0 else 0
+        worst = float(last_step[active].max()) if unfinished else 0.0
+        return v / self.scale, unfinished, worst
 
-    def solve(self, g: Tensor) -> Tensor:
+    def _solve(self, g: Tensor) -> Tensor:
         gen = torch.Generator().manual_seed(self.seed)
         out = torch.zeros_like(g)
+        unfinished, worst = 0, 0.0
         for _ in range(self.repeats):
-            out += torch.cat([self._solve_block(g[s : s + self.block_size], gen)
-                              for s in range(0, g.shape[0], self.block_size)])
+            for s in range(0, g.shape[0], self.block_size):
+                v, n, w = self._solve_block(g[s : s + self.block_size], gen)
+                out[s : s + self.block_size] += v
+                unfinished, worst = unfinished + n, max(worst, w)
+        if unfinished:
+            runs = g.shape[0] * self.repeats
+            warnings.warn(
+                f"LiSSA stopped at depth={self.depth} before reaching tol={self.tol:g} for "
+                f"{unfinished} of {runs} right-hand-side runs (largest last relative step "
+                f"{worst:.2e}); raise depth, or pass tol=0 to run to depth on purpose",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         return out / self.repeats

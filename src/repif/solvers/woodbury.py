@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from repif.errors import TooLargeError
-from repif.solvers.base import Solver
+from repif.solvers.base import Solver, positive_int
 
 #: Largest inner system (m·C rows) accepted by default: 12,000² float64 is 1.2 GB.
 WOODBURY_MAX_ROWS = 12_000
@@ -26,7 +26,7 @@ class WoodburySolver(Solver):
     name = "woodbury"
 
     def __init__(self, max_rows: int = WOODBURY_MAX_ROWS) -> None:
-        self.max_rows = max_rows
+        self.max_rows = positive_int(max_rows, "max_rows")
 
     def predicted_bytes(self) -> int:
         """Memory the fit keeps: the (mC, p) factor and two (mC, mC) matrices."""
@@ -78,7 +78,7 @@ class WoodburySolver(Solver):
     def _d_isqrt(self, v: Tensor) -> Tensor:
         return v * self.d_isqrt if self.d_isqrt is not None else v * self.mu ** -0.5
 
-    def solve(self, g: Tensor) -> Tensor:
+    def _solve(self, g: Tensor) -> Tensor:
         h = self._d_isqrt(g)  # (k, p)
         inner = torch.cholesky_solve(self.factor @ h.T, self._chol)  # (mC, k)
         return self._d_isqrt(h - (self.factor.T @ inner).T)

@@ -227,3 +227,258 @@ def test_remove_leaves_too_few_points_for_the_sample(linear, data):
     est = _est(linear, data, sample_size=50)
     with pytest.raises(ValueError, match=r"sample_size=50 exceeds the 40 remaining"):
         est.remove(torch.arange(20))
+
+
+# --------------------------------------------------------------------------- data forms
+def test_numpy_arrays_are_accepted_everywhere(linear, data):
+    """(x, y) as numpy arrays, for training and test data, and numpy indices: the same scores
+    as with tensors."""
+    x, y = data
+    ref = _est(linear, data)
+    est = _est(linear, (x.numpy(), y.numpy()))
+    got = est.influence((x[:3].numpy(), y[:3].numpy()), train_indices=torch.arange(10).numpy())
+    torch.testing.assert_close(got, ref.influence((x[:3], y[:3]), train_indices=torch.arange(10)))
+    mask = (y == 1).numpy()
+    torch.testing.assert_close(est.self_influence(mask), ref.self_influence(y == 1))
+    assert repif.InfluenceEstimator(linear, {"x": x.numpy(), "labels": y.numpy()},
+                                    task=_KeywordTask()).n_train == N
+
+
+class _KeywordTask(repif.ClassificationTask):
+    """Calls model(x) for a dict batch {"x": …, "labels": …}."""
+
+    def forward(self, call, inputs):
+        return call(inputs["x"])
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda x, y: (x.tolist(), y.tolist()), ["element 0 is a list", "torch.tensor"]),
+        (lambda x, y: x.tolist(), ["element 0 is a list of float", "torch.tensor"]),
+        (lambda x, y: (x, y.tolist()), ["element 1 is a list", "torch.tensor"]),
+        (lambda x, y: {"x": x.tolist(), "labels": y}, ["entry 'x' is a list", "tensor"]),
+    ],
+    ids=["tuple-of-lists", "list-of-rows", "mixed-tuple", "dict-of-lists"],
+)
+def test_plain_lists_are_refused_naming_the_forms(linear, data, make, words):
+    with pytest.raises(TypeError) as info:
+        _est(linear, make(*data))
+    for word in words + ["tuple (x, y)", "Dataset", "DataLoader"]:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_three_tuple_names_how_batches_call_the_model(linear, data):
+    x, y = data
+    with pytest.raises(ValueError) as info:
+        _est(linear, (x, y, y))
+    msg = str(info.value)
+    assert "model((1, 4) float64, (1,) int64)" in msg  # the call that failed, by shapes
+    assert "(x1, …, xk, y) calls model(x1, …, xk)" in msg and "repif.Task" in msg
+
+
+def test_dict_with_keys_the_model_does_not_take(linear, data):
+    x, y = data
+    with pytest.raises(ValueError, match=r"model\(x=\(1, 4\) float64\).*unexpected keyword"):
+        _est(linear, {"x": x, "labels": y})
+
+
+@pytest.mark.parametrize("side", ["train", "test"])
+def test_wrong_input_shape_for_the_model(linear, data, side):
+    x, y = data
+    wrong = torch.randn(N, D + 1, dtype=torch.float64)
+    with pytest.raises(ValueError) as info:
+        if side == "train":
+            _est(linear, (wrong, y))
+        else:
+            _est(linear, data).influence((wrong[:2], y[:2]))
+    msg = str(info.value)
+    assert "model((1, 5) float64)" in msg and "mat1 and mat2" in msg  # shapes and torch's reason
+    assert "pass data of the shape and layout the model takes" in msg
+
+
+def test_model_returning_a_tuple(data):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(D, C).double()
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    with pytest.raises(ValueError, match=r"returned a tuple, not a tensor.*override forward"):
+        _est(TwoHeads(), data)
+
+
+def test_three_dimensional_output_is_not_called_one_output(data):
+    """An (N, 10, 1) output used to be read as "a model with 1 outputs"."""
+    model = nn.Sequential(nn.Linear(D, 10), nn.Unflatten(1, (10, 1))).double()
+    with pytest.raises(ValueError) as info:
+        _est(model, data)
+    msg = str(info.value)
+    assert "(1, 10, 1)" in msg and "(n, C) logits" in msg and "nn.Flatten()" in msg
+    assert "1 outputs" not in msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model(data, dtype):
+    x, y = data
+    with pytest.raises(ValueError) as info:
+        _est(nn.Linear(D, C).to(dtype), (x.to(dtype), y))
+    msg = str(info.value)
+    assert str(dtype) in msg and "'weight'" in msg and "model.float()" in msg
+
+
+def test_meta_device_model_and_data(linear, data):
+    x, y = data
+    with pytest.raises(ValueError, match=r"parameter 'weight' is on the meta device.*to_empty"):
+        _est(nn.Linear(D, C, device="meta"), data)
+    with pytest.raises(ValueError, match=r"element 0 \(inputs\) is on the meta device"):
+        _est(linear, (x.to("meta"), y))
+    with pytest.raises(ValueError, match=r"element 1 \(targets\) is on the meta device"):
+        _est(linear, (x, y.to("meta")))
+    with pytest.raises(ValueError, match=r"element 0 \(inputs\) is on the meta device"):
+        _est(linear, data).influence((x[:2].to("meta"), y[:2]))
+
+
+def test_integer_inputs_stay_integer(data):
+    """Token ids for an nn.Embedding model are not cast to the model's float dtype."""
+    _, y = data
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(12, C)).double()
+    tokens = torch.randint(0, 20, (N, 3), generator=torch.Generator().manual_seed(1))
+    est = _est(model, (tokens, y), solver="cg")
+    scores = est.influence((tokens[:2], y[:2]))
+    assert scores.shape == (2, N) and torch.isfinite(scores).all()
+    assert est.top_k((tokens[0], y[0]), k=3).proponents.numel() == 3
+
+
+@pytest.mark.parametrize(
+    ("k", "error", "shown"),
+    [(0, ValueError, "0"), (-2, ValueError, "-2"), (2.5, TypeError, "2.5"),
+     ("3", TypeError, "'3'"), (True, TypeError, "True")],
+)
+def test_top_k_bad_k(linear, data, k, error, shown):
+    x, y = data
+    with pytest.raises(error) as info:
+        _est(linear, data).top_k((x[0], y[0]), k=k)
+    assert f"k must be a positive integer, got {shown}" in str(info.value)
+    assert "k=10" in str(info.value)
+
+
+def test_vector_hint_names_an_existing_helper(linear, data):
+    est = _est(linear, data)
+    with pytest.raises(ValueError, match=r"est\.fm\.space\.flatten") as info:
+        est.inverse_hvp(torch.zeros(14, dtype=torch.float64))
+    assert "estimator.params" not in str(info.value)
+    named = {n: p.detach() for n, p in est.model.named_parameters()}
+    assert est.fm.space.flatten(named).shape == (15,)  # the helper it names works
+
+
+# --------------------------------------------------------------------------- solver options
+@pytest.mark.parametrize("solver", ["cg", "lissa"])
+@pytest.mark.parametrize("tol", [-1e-8, float("nan"), float("inf")])
+def test_bad_tolerance_refused(linear, data, solver, tol):
+    with pytest.raises(ValueError, match=rf"tol must be a finite number ≥ 0.*got {tol}"):
+        _est(linear, data, solver=solver, tol=tol)
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), 0.0, -1.0])
+def test_bad_lissa_scale_refused(linear, data, scale):
+    with pytest.raises(ValueError, match=rf"scale must be a finite number > 0, got {scale}"):
+        _est(linear, data, solver="lissa", scale=scale)
+
+
+@pytest.mark.parametrize("damping", [float("inf"), float("nan")])
+def test_non_finite_damping_refused(linear, data, damping):
+    with pytest.raises(ValueError, match=rf"damping must be finite, got {damping}"):
+        _est(linear, data, damping=damping)
+    est = _est(linear, data)  # the solver refuses it too, for callers that bypass the estimator
+    op = est.fitter.operator(est.subset)
+    with pytest.raises(ValueError, match=rf"damping must be a finite number ≥ 0, got {damping}"):
+        repif.solvers.build("cg", {}).fit(op, damping)
+
+
+@pytest.mark.parametrize(("option", "value"), [("max_iter", 0), ("max_iter", 2.5),
+                                               ("block_size", True), ("depth", -1)])
+def test_bad_counts_refused(linear, data, option, value):
+    solver = "lissa" if option == "depth" else "cg"
+    with pytest.raises(ValueError, match=rf"{option} must be a positive integer, got {value}"):
+        _est(linear, data, solver=solver, **{option: value})
+
+
+# --------------------------------------------------------------------------- divergence
+def _indefinite(data):
+    """The exact Hessian of a tanh net at a random init: indefinite at damping 0."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(D, 16), nn.Tanh(), nn.Linear(16, C)).double()
+    return model, data
+
+
+def test_lissa_detects_divergence_without_damping(data):
+    """LiSSA at damping 0 on an indefinite Hessian used to return scores of order 1e11 (its
+    divergence check was off without damping); the iterate's growth bound now catches it."""
+    model, data = _indefinite(data)
+    est = _est(model, data, curvature="hessian", damping=0.0, solver="lissa", depth=2000)
+    g = est.train_gradients(torch.arange(2))
+    with pytest.raises(SolverDivergedError) as info:
+        est.inverse_hvp(g)
+    msg = str(info.value)
+    assert "LiSSA diverged" in msg and "damping=0" in msg and "curvature='ggn'" in msg
+
+
+def test_lissa_warns_when_it_stops_at_depth(linear, data):
+    est = _est(linear, data, solver="lissa", depth=3, tol=1e-10)
+    g = est.train_gradients(torch.arange(2))
+    with pytest.warns(RuntimeWarning, match=r"LiSSA stopped at depth=3 before reaching "
+                                            r"tol=1e-10 for 2 of 2.*raise depth"):
+        est.inverse_hvp(g)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _est(linear, data, solver="lissa", depth=3, tol=0.0).inverse_hvp(g)  # on purpose
+
+
+def test_cg_hint_on_a_singular_ggn_does_not_suggest_ggn(linear, data):
+    """GGN on one point at damping 0 and no weight decay: rank 2 of 15, singular. The hint must
+    say to raise the damping and must not offer the GGN it already uses."""
+    est = _est(linear, data, solver="cg", damping=0.0).fit(pool=torch.tensor([0]))
+    g = torch.randn(1, 15, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.raises(SolverDivergedError) as info:
+        est.inverse_hvp(g)
+    msg = str(info.value)
+    assert "raise the damping" in msg and "damping=0" in msg
+    assert "curvature='ggn'" not in msg and "indefinite" not in msg
+
+
+@pytest.mark.parametrize("solver", ["direct", "arnoldi"])
+def test_exact_solvers_refuse_a_singular_system(linear, data, solver):
+    est = _est(linear, data, solver=solver, damping=0.0, **({"rank": 15} if solver == "arnoldi"
+                                                            else {}))
+    with pytest.raises(SolverDivergedError, match=r"singular|zero to working precision") as info:
+        est.fit(pool=torch.tensor([0]))
+    assert "raise the damping (now 0)" in str(info.value)
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg", "lissa", "arnoldi", "woodbury", "identity"])
+def test_every_solver_refuses_a_non_finite_result(linear, data, solver, monkeypatch):
+    est = _est(linear, data, solver=solver, sample_size=20, **(
+        {"rank": 5} if solver == "arnoldi" else {})).fit()
+    cls = type(est.solver)
+    monkeypatch.setattr(cls, "_solve", lambda self, g: torch.full_like(g, float("nan")))
+    with pytest.raises(SolverDivergedError) as info:
+        est.inverse_hvp(torch.ones(2, 15, dtype=torch.float64))
+    msg = str(info.value)
+    assert f"solver {solver!r} returned non-finite values" in msg and "2 of 2" in msg
+    assert "raise the damping (now 0.01)" in msg
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg", "lissa", "arnoldi", "woodbury"])
+def test_every_solver_refuses_an_exploding_ggn_solution(linear, data, solver, monkeypatch):
+    """For the GGN (PSD) ‖(C + λI)⁻¹g‖ ≤ ‖g‖/λ: anything far longer is a breakdown."""
+    est = _est(linear, data, solver=solver, sample_size=20, **(
+        {"rank": 5} if solver == "arnoldi" else {})).fit()
+    monkeypatch.setattr(type(est.solver), "_solve", lambda self, g: g * 1e11)
+    with pytest.raises(SolverDivergedError, match=r"1e\+11 times as long.*raise the damping"):
+        est.inverse_hvp(torch.ones(15, dtype=torch.float64))

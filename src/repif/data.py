@@ -18,6 +18,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.data import Subset as _TorchSubset
 
+from repif.validation import as_torch_data
+
 Batch = Any
 Collate = Callable[[list[Any]], Batch]
 
@@ -89,6 +91,7 @@ class DataSource:
             collate_fn = collate_fn or data.collate_fn
             batch_size = batch_size or data.batch_size
             data = data.dataset
+        data = as_torch_data(data)  # numpy arrays become tensors; plain lists are refused
         if isinstance(data, (tuple, list)) and len(data) >= 2 and all(
             isinstance(t, Tensor) for t in data
         ):
@@ -175,6 +178,7 @@ def as_tensors(data: Any) -> tuple[Tensor, Tensor]:
     Holds everything in memory: fine for training the small reference models; the influence
     computations stream through :class:`DataSource` instead.
     """
+    data = as_torch_data(data)
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(
         isinstance(t, Tensor) for t in data
     ):

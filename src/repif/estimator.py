@@ -40,7 +40,13 @@ from repif.memory import MemoryBudget
 from repif.samplers import Pool, Subset
 from repif.task import ClassificationTask, FunctionalModel, Task
 from repif.unlearning import newton_removal
-from repif.validation import check_finite, check_finite_number, check_indices, check_vector
+from repif.validation import (
+    check_count,
+    check_finite,
+    check_finite_number,
+    check_indices,
+    check_vector,
+)
 
 #: Default damping λ: small against typical GGN eigenvalues of a trained classifier (order 1),
 #: large enough to keep (C + λI) well conditioned in the directions the subset does not see.
@@ -146,8 +152,7 @@ class InfluenceEstimator:
         if self.source.tensors is not None:
             check_finite(self.source.tensors[0], "training inputs")
         inputs, targets = split_batch(self.fm, self.source.first())
-        with torch.no_grad():
-            self.output_dim = int(self.fm.output(self.fm.theta, inputs).shape[-1])
+        self.output_dim = self.fm.output_dim(inputs)  # a model that fails on the data: one error
         if self.source.tensors is not None and type(self.task).split is Task.split:
             self.task.check_targets(self.source.tensors[-1], self.output_dim)
         else:
@@ -277,6 +282,7 @@ class InfluenceEstimator:
             check_finite(source.tensors[0], "test inputs")
             if type(self.task).split is Task.split:
                 self.task.check_targets(source.tensors[-1], self.output_dim)
+        self.fm.output_dim(split_batch(self.fm, source.first())[0])  # wrong shapes: one error
         source.validate = self._validate_batch
         return source
 
@@ -340,6 +346,7 @@ class InfluenceEstimator:
             elif train_x is None and y.ndim == 0:
                 x = x.unsqueeze(0)
             test_point = (x, y.reshape(1) if y.ndim == 0 else y)
+        k = check_count(k, "k")
         scores = self.influence(test_point)[0]
         k = min(k, scores.numel())
         lo = torch.topk(scores, k, largest=False)

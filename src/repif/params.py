@@ -23,6 +23,13 @@ class ParameterSpace:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        for n, p in named:
+            if p.dtype in (torch.float16, torch.bfloat16):
+                raise ValueError(
+                    f"trainable parameter {n!r} is {p.dtype}; repif needs float32 or float64 "
+                    "(half precision cannot resolve small curvature terms, and torch's "
+                    "factorisations refuse it): pass model.float() or model.double()"
+                )
         return cls(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
 
     @property

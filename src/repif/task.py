@@ -196,6 +196,40 @@ class FunctionalModel:
 
         return self.task.forward(call, inputs)
 
+    def output_dim(self, inputs: Any) -> int:
+        """The model's output size C, from one forward on (the first point of) ``inputs``.
+
+        A model that cannot run on these inputs, returns something other than a tensor, or (for
+        the default cross-entropy task) gives other than (n, C) logits raises ValueError
+        naming the shapes and how batches become model calls.
+        """
+        first = tree_map(lambda t: t[:1] if isinstance(t, Tensor) else t, inputs)
+        try:
+            with torch.no_grad():
+                out = self.output(self.theta, first)
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            raise ValueError(
+                f"the model fails on one point of the data, called as {_call(first)}: "
+                f"{type(err).__name__}: {err}. A tuple batch (x, y) calls model(x), "
+                "(x1, …, xk, y) calls model(x1, …, xk), a dict calls model(**inputs) with the "
+                f"targets under {getattr(self.task, 'target_key', 'labels')!r}: pass data of the "
+                "shape and layout the model takes, or a repif.Task that overrides split/forward"
+            ) from err
+        if not isinstance(out, Tensor):
+            raise ValueError(
+                f"the model returned a {type(out).__name__}, not a tensor of outputs; wrap it "
+                "to return the logits, or subclass repif.Task and override forward to pick them"
+            )
+        plain_ce = isinstance(self.task, ClassificationTask) and self.task._closed_form()
+        if out.ndim < 2 or (plain_ce and out.ndim != 2):
+            raise ValueError(
+                f"the model's output for one point has shape {tuple(out.shape)}, but "
+                f"{type(self.task).__name__} needs (n, C) logits, one row per point: flatten or "
+                "squeeze the extra dimensions in the model (e.g. end it with nn.Flatten()), or "
+                "subclass repif.Task for outputs of another shape"
+            )
+        return int(out.shape[-1])
+
     def losses(self, theta: Tensor, inputs: Any, targets: Any) -> Tensor:
         """(n,) per-sample losses at ``theta``."""
         return self.task.loss_from_output(self.output(theta, inputs), targets)
@@ -252,3 +286,18 @@ class FunctionalModel:
         finally:
             handle.remove()
         return out, captured[0]
+
+
+def _call(inputs: Any) -> str:
+    """``model(x: (1, 5) float64)``-style description of a call on ``inputs``."""
+
+    def arg(t: Any) -> str:
+        if isinstance(t, Tensor):
+            return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+        return type(t).__name__
+
+    if isinstance(inputs, Mapping):
+        return "model(" + ", ".join(f"{k}={arg(v)}" for k, v in inputs.items()) + ")"
+    if isinstance(inputs, tuple):
+        return "model(" + ", ".join(arg(v) for v in inputs) + ")"
+    return f"model({arg(inputs)})"

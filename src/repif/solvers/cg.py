@@ -67,7 +67,7 @@ class CGSolver(Solver):
         active = torch.nonzero(g_norm > 0).squeeze(1)
         iters[g_norm == 0] = 0
         tiny = singular_threshold(g.dtype)
-        rq_max = 0.0
+        rq_max = torch.zeros((), dtype=g.dtype, device=g.device)
         for it in range(1, self.max_iter + 1):
             if active.numel() == 0:
                 break
@@ -75,10 +75,10 @@ class CGSolver(Solver):
             ad = self._apply(da)
             curv = (da * ad).sum(1)
             rq = curv / (da * da).sum(1)  # Rayleigh quotients, in [λ_min, λ_max] of C + λI
-            rq_max = max(rq_max, float(rq.max()))
+            rq_max = torch.maximum(rq_max, rq.max())
             low = rq <= tiny * rq_max
-            if bool(low.any()):
-                raise self._breakdown(it, float(rq[low].min()), rq_max)
+            if bool(low.any()):  # one device sync per iteration, as before
+                raise self._breakdown(it, float(rq[low].min()), float(rq_max))
             alpha = (rr[active] / curv)[:, None]
             x[active] += alpha * da
             r_a = r[active] - alpha * ad

@@ -13,3 +13,8 @@ class SolverDivergedError(RepifError, ArithmeticError):
 
 class TooLargeError(RepifError, MemoryError):
     """A dense computation was asked for on a problem larger than the stated limit."""
+
+
+class CorruptFileError(RepifError, ValueError):
+    """A saved file cannot be read back: unparsable, foreign, or its content fails its checksum.
+    Callers that can rebuild the file treat it as missing (with a warning)."""

@@ -133,7 +133,8 @@ def test_results_schema(baseline):
         assert math.isfinite(c["time_s"]) and c["time_s"] > 0
         assert isinstance(c["peak_mem_bytes"], int) and c["peak_mem_bytes"] >= 0
     # Every finished cell keeps its estimate v_T for the seed spread.
-    assert len(list((out / "vectors").glob("c*.safetensors"))) == len(cells)
+    assert len(list((out / "vectors" / config().cell_hash()).glob("c*.safetensors"))) == len(
+        cells)
 
 
 def test_ihvp_error_falls_with_sample_size(baseline):
@@ -237,12 +238,15 @@ def test_more_seeds_reuses_existing_cells(baseline, tmp_path, count_cells):
     assert not list(out.glob("results.*.json"))
 
 
-def test_smaller_grid_keeps_only_its_cells(baseline, tmp_path, count_cells):
+def test_smaller_grid_reports_its_cells_and_keeps_the_others(baseline, tmp_path, count_cells):
     out = copy_run(baseline[0], tmp_path / "run")
     cfg = config(samplers=["logit-importance"], sizes=[8])
     new = run(cfg, out)
     assert count_cells == []
-    assert {key(c) for c in new["cells"]} == grid(cfg)
+    assert {key(c) for c in new["cells"]} == grid(cfg)  # what is reported
+    kept = read(out)  # finished cells are never deleted
+    assert {key(c) for c in kept["cells"]} == grid(config())
+    assert stable(kept)["cells"] == stable(read(baseline[0]))["cells"]
 
 
 def test_repeated_class_gives_one_cell_per_grid_point(baseline, tmp_path, count_cells):

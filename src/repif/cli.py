@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Sequence
@@ -108,11 +109,12 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)
     out = Path(args.out or ("repif-out/demo" if args.command == "demo" else "repif-out/study"))
     study = Study(config, out, progress=not args.quiet)
-    results = study.run()
-    rows = aggregate(results, study.vectors)
-    refs = references(results)
-    head = headline(rows)
-    report = write_report(results, rows, refs, head, out)
+    with study.locked():  # the report too: no other run may write between results and report
+        results = study.run()
+        rows = aggregate(results, study.vectors)
+        refs = references(results)
+        head = headline(rows)
+        report = write_report(results, rows, refs, head, out)
     if not args.quiet:
         print(format_table(rows, refs))
         print()
@@ -120,6 +122,66 @@ def run(args: argparse.Namespace) -> int:
             print(line)
         print(f"\nresults: {out / 'results.json'}\nreport:  {report}")
     return 0
+
+
+#: Exit codes: 0 success; 1 the environment failed (disk full, read-only, no GPU, output in use,
+#: out of memory); 2 bad input (arguments, data, a hand-edited results file); 130 interrupted.
+EXIT_ENVIRONMENT, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+#: What to do about an OSError, by errno.
+_OS_FIXES = {
+    errno.ENOSPC: "free some disk space",
+    errno.EDQUOT: "free some space within your disk quota",
+    errno.EROFS: "the file system is read-only: pass a writable --out",
+    errno.EACCES: "make it writable or pass another --out",
+    errno.EPERM: "make it writable or pass another --out",
+    errno.EIO: "check the disk",
+}
+
+
+def _raised_by_repif(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is repif's own code: a ValueError
+    raised there is an input check (they all name the value and the fix); one raised inside
+    another library is not ours to explain."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def classify(err: BaseException) -> tuple[int, str] | None:
+    """(exit code, one-line message) for an expected failure, None for anything else (a bug,
+    which keeps its traceback)."""
+    from repif.errors import RepifError, TooLargeError
+    from repif.experiments.study import StudyError
+
+    if isinstance(err, StudyError):
+        return err.exit_code, str(err)
+    if isinstance(err, (TooLargeError, MemoryError)) or isinstance(
+        err, getattr(torch, "OutOfMemoryError", ())
+    ):
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return EXIT_ENVIRONMENT, f"out of memory: {first}"
+    if isinstance(err, FileNotFoundError) and (isinstance(err, RepifError) or err.filename is None):
+        return EXIT_BAD_INPUT, str(err)  # a missing dataset: the message says how to get it
+    if isinstance(err, OSError):
+        what = err.strerror or str(err)
+        where = f": {err.filename}" if err.filename else ""
+        fix = _OS_FIXES.get(err.errno, "fix that")
+        return EXIT_ENVIRONMENT, (f"{what}{where}; {fix}, then re-run the same command: "
+                                  "finished cells are saved and the run resumes")
+    if isinstance(err, RepifError):
+        return EXIT_BAD_INPUT, str(err)
+    if isinstance(err, (ValueError, ArithmeticError)) and not isinstance(
+        err, (ZeroDivisionError, OverflowError)
+    ) and _raised_by_repif(err):
+        return EXIT_BAD_INPUT, str(err)  # repif's own input and result checks
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,11 +192,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("repif: interrupted; finished cells are saved, re-run the command to resume",
               file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ArithmeticError,
-            MemoryError) as err:
-        print(f"repif: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        verdict = classify(err)
+        if verdict is None:
+            raise  # a bug in repif: keep the traceback
+        code, message = verdict
+        print(f"repif: error: {' '.join(message.split())}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -52,32 +54,54 @@ class StudyConfig:
         """Raise ValueError naming the first bad field and the fix."""
         if not self.remove:
             raise ValueError("--remove needs at least one class")
+        if not all(_is_int(k) for k in self.remove):
+            raise ValueError(f"--remove takes class numbers, got {self.remove}")
         if len(set(self.remove)) != len(self.remove):
             raise ValueError(f"--remove lists a class twice: {self.remove}; list each once")
+        if not self.samplers:
+            raise ValueError(
+                "--samplers names no sampler; pass at least one, e.g. --samplers "
+                "random,logit-importance"
+            )
         for s in self.samplers:
             samplers.REGISTRY.get(s.removesuffix(SHRINK_SUFFIX))
+        _once(self.samplers, "--samplers", "sampler")
         solvers.REGISTRY.get(self.solver)
         if self.curvature not in CURVATURES:
             known = ", ".join(CURVATURES)
             raise ValueError(f"unknown curvature {self.curvature!r}; known: {known}")
-        if self.width is not None and (
-            isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1
-        ):
+        if self.width is not None and (not _is_int(self.width) or self.width < 1):
             raise ValueError(
                 f"width must be a positive integer, got {self.width!r}; pass e.g. --width 16, or "
                 "leave it out for the model's default"
             )
-        if not self.sizes or any(m <= 0 for m in self.sizes):
+        if not self.sizes or any(not _is_int(m) or m <= 0 for m in self.sizes):
             raise ValueError(f"sizes must be positive integers, got {self.sizes}")
-        if self.seeds <= 0:
+        _once(self.sizes, "--sizes", "size")
+        if not _is_int(self.seeds) or self.seeds <= 0:
             raise ValueError(f"seeds must be a positive count, got {self.seeds}")
-        if self.steps <= 0:
+        if not _is_int(self.steps) or self.steps <= 0:
             raise ValueError(f"steps must be positive, got {self.steps}")
-        if self.scale != "auto" and not (isinstance(self.scale, (int, float)) and self.scale > 0):
+        if self.scale != "auto" and not (_is_finite(self.scale) and self.scale > 0):
             raise ValueError(f"scale must be 'auto' or a positive number, got {self.scale!r}")
+        _number(self.damping, "--damping", "≥ 0, e.g. 0.01", lambda v: v >= 0)
+        _number(self.weight_decay, "--weight-decay", "≥ 0, e.g. 1e-3", lambda v: v >= 0)
+        if self.lr is not None:
+            _number(self.lr, "--lr", "> 0, e.g. 0.01 (or leave it out)", lambda v: v > 0)
+        if not _is_int(self.epochs) or self.epochs < 0:
+            raise ValueError(f"--epochs must be a whole number ≥ 0, got {self.epochs!r}")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        for flag, value in (("--limit-train", self.limit_train),
+                            ("--limit-test", self.limit_test)):
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{flag} must be a positive number of points, got {value!r}; "
+                                 "leave it out to use all of them")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
-        if self.scale == "auto" and not 0 < self.validation_fraction < 1:
+        if self.scale == "auto" and not (
+            _is_finite(self.validation_fraction) and 0 < self.validation_fraction < 1
+        ):
             raise ValueError("scale='auto' needs a validation_fraction in (0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,6 +118,29 @@ class StudyConfig:
         if d["width"] is None:  # leave it out, so results written before ``width`` existed resume
             del d["width"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _number(value: Any, flag: str, wanted: str, ok: Callable[[float], bool]) -> None:
+    if not _is_finite(value) or not ok(value):
+        raise ValueError(f"{flag} must be a finite number {wanted}, got {value!r}")
+
+
+def _once(values: list[Any], flag: str, what: str) -> None:
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(
+                f"{flag} lists {what} {v!r} twice ({','.join(map(str, values))}); list each once"
+            )
+        seen.add(v)
 
 
 def split_sampler(spec: str) -> tuple[str, float | str]:

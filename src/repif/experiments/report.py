@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import io as io_
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,10 @@ def plot(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]], out: Pat
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
+        png = io_.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
         plt.close(fig)
+        io.write_bytes_atomic(out / fname, png.getvalue)  # atomic, like every other output
         names.append(fname)
     return names
 

@@ -1,17 +1,30 @@
 """The class-removal study: for each removed class, sampler, size and seed, one influence update.
 
 Results go to ``DIR/results.json`` (schema in docs/design.md, "Protocol"), rewritten atomically
-after every cell; the estimates v_T are kept in ``DIR/vectors/`` for the seed spread. Re-running
-the same command resumes: cells whose configuration hash matches are skipped. A results file from
-another configuration is moved aside to ``results.<hash>.json``, never overwritten in place.
+after every cell; the estimates v_T are kept in ``DIR/vectors/<hash>/`` for the seed spread.
+Nothing finished is ever deleted (docs/design.md, "Failure behaviour"):
+
+* re-running the same command resumes: cells whose configuration hash matches are skipped; a run
+  with a smaller grid keeps the other finished cells in ``results.json`` and reports only its own;
+* results of another configuration are merged into ``results.<hash>.json`` (cells by grid point,
+  so a backup only ever grows) and resumed from there when that configuration runs again;
+* one run at a time holds ``DIR``'s lock (``DIR/.repif.lock``: PID and host);
+* a stored estimate that is missing, damaged (its SHA-256 checksum) or from another
+  configuration is recomputed, with a warning; a statistic is never taken over fewer seeds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import itertools
 import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +36,7 @@ from repif import datasets, io, models
 from repif.datasets.base import stratified_subset
 from repif.estimator import InfluenceEstimator
 from repif.experiments.config import SCALE_GRID, StudyConfig, split_sampler
+from repif.experiments.lock import OutputLock, OutputLockedError
 from repif.experiments.resources import measure
 from repif.metrics import cosine, predict, relative_error, removal_scores
 from repif.training import load_or_train, train
@@ -37,7 +51,17 @@ REFERENCE_SOLVER = {"solver": "cg", "tol": 1e-10, "max_iter": 10_000}
 
 
 class StudyError(RuntimeError):
-    """A study cannot run as configured; the message says why and what to do."""
+    """A study cannot run as configured; the message says why and what to do. ``exit_code``:
+    what the command line exits with (2: bad input)."""
+
+    exit_code = 2
+
+
+class StudyEnvironmentError(StudyError):
+    """The machine, not the configuration, stops the study: no GPU, the output directory in use
+    by another run, a stored file damaged after the run (exit code 1)."""
+
+    exit_code = 1
 
 
 def check_output_dir(out: Path) -> None:
@@ -46,34 +70,168 @@ def check_output_dir(out: Path) -> None:
         raise StudyError(f"output directory {out} is a file; pass a directory with --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=out)
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)
     except OSError as err:
         raise StudyError(f"output directory {out} is not writable ({err.strerror})") from err
 
 
-def load_previous(out: Path, config: StudyConfig) -> tuple[dict[str, Any], str | None]:
-    """Earlier results with the same cell hash (or an empty skeleton), and the hash of an earlier
-    file from another configuration, which the caller moves aside before its first write."""
-    path = out / "results.json"
-    fresh = {"config": config.to_dict(), "config_hash": config.cell_hash(),
-             "references": [], "cells": []}
-    if not path.exists():
-        return fresh, None
+def check_device(name: str) -> torch.device:
+    """The torch device for ``--device name``; a name torch does not know is bad input
+    (StudyError), a CUDA device this machine lacks an environment problem."""
     try:
-        old = io.read_json(path)
-        old_hash = old["config_hash"]
-        old["references"], old["cells"]  # noqa: B018 - presence check
-    except (ValueError, KeyError, TypeError) as err:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise StudyError(
+            f"unknown device {name!r}; use --device cpu or --device cuda (cuda:N for GPU N)"
+        ) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise StudyError(f"--device {name}: only cpu and cuda are supported; use one of them")
+    if not torch.cuda.is_available():
+        build = ("a build without CUDA" if torch.version.cuda is None
+                 else f"CUDA {torch.version.cuda}, but no usable GPU or driver")
+        raise StudyEnvironmentError(
+            f"--device {name}: torch sees no CUDA GPU on this machine (torch {torch.__version__}, "
+            f"{build}); use --device cpu, or run on a machine with a GPU"
+        )
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise StudyEnvironmentError(
+            f"--device {name}: this machine has {count} CUDA device(s), cuda:0…cuda:{count - 1}; "
+            "pass one of them"
+        )
+    return dev
+
+
+# --------------------------------------------------------------------------- results files
+#: Fields every cell row carries, as numbers (or null: a NaN in strict JSON).
+CELL_METRICS = ("f1", "forget", "consistency", "accuracy_remaining", "ihvp_rel_error",
+                "ihvp_cosine", "time_s", "peak_mem_bytes")
+#: Fields every reference row carries, as numbers or null.
+REFERENCE_METRICS = ("f1", "forget", "consistency", "accuracy_remaining", "time_s",
+                     "peak_mem_bytes")
+_HASH = re.compile(r"^[0-9a-f]{1,64}$")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def ref_key(row: dict[str, Any]) -> tuple[int, str]:
+    return row["removed_class"], row["kind"]
+
+
+def check_results(obj: Any, path: Path) -> dict[str, Any]:
+    """``obj`` (read from ``path``) if it has the results schema; else StudyError naming the
+    first bad entry. Catches damaged and hand-edited files before anything relies on them."""
+
+    def bad(what: str) -> StudyError:
+        return StudyError(
+            f"{path}: {what}; the file was edited or damaged: restore it (results.<hash>.json "
+            "may hold an earlier copy) or move it away to start the study afresh"
+        )
+
+    if not isinstance(obj, dict):
+        raise bad(f"holds a JSON {type(obj).__name__}, not an object")
+    h = obj.get("config_hash")
+    if not isinstance(h, str) or not _HASH.match(h):
+        raise bad(f"'config_hash' is {h!r}, not a hexadecimal hash")
+    for field in ("references", "cells"):
+        if not isinstance(obj.get(field), list):
+            raise bad(f"'{field}' is {type(obj.get(field)).__name__}, not a list")
+    seen: set[tuple] = set()
+    for i, c in enumerate(obj["cells"]):
+        if not isinstance(c, dict):
+            raise bad(f"cells[{i}] is not an object")
+        for k in ("removed_class", "sample_size", "seed"):
+            if not _is_int(c.get(k)):
+                raise bad(f"cells[{i}] has {k}={c.get(k)!r}, not an integer")
+        if not isinstance(c.get("sampler"), str):
+            raise bad(f"cells[{i}] has sampler={c.get('sampler')!r}, not a name")
+        for k in CELL_METRICS:
+            if k not in c or not _is_number(c[k]):
+                raise bad(f"cells[{i}] has {k}={c.get(k, '(missing)')!r}, not a number or null")
+        if _key(c) in seen:
+            raise bad(f"cells[{i}] repeats the grid point {_key(c)}")
+        seen.add(_key(c))
+    seen = set()
+    for i, r in enumerate(obj["references"]):
+        if not isinstance(r, dict):
+            raise bad(f"references[{i}] is not an object")
+        if not _is_int(r.get("removed_class")) or r.get("kind") not in ("full", "retrain"):
+            raise bad(f"references[{i}] has removed_class={r.get('removed_class')!r}, "
+                      f"kind={r.get('kind')!r}; expected an integer and 'full' or 'retrain'")
+        for k in REFERENCE_METRICS:
+            if k not in r or not _is_number(r[k]):
+                raise bad(f"references[{i}] has {k}={r.get(k, '(missing)')!r}, not a number "
+                          "or null")
+        scale = r.get("scale")
+        if r["kind"] == "full" and not (
+            _is_number(scale) and scale is not None and math.isfinite(scale) and scale > 0
+        ):
+            raise bad(f"references[{i}] has scale={scale!r}, not a positive number")
+        if ref_key(r) in seen:
+            raise bad(f"references[{i}] repeats ({r['removed_class']}, {r['kind']!r})")
+        seen.add(ref_key(r))
+    return obj
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results file, checked (:func:`check_results`); StudyError if unreadable."""
+    try:
+        obj = io.read_json(path)
+    except ValueError as err:
         raise StudyError(
             f"{path} is corrupt or was not written by this version of repif ({err}); move it "
             "away or delete it to start the study afresh"
         ) from err
-    if old_hash != config.cell_hash():
-        return fresh, str(old_hash)
-    old["config"] = config.to_dict()
-    return old, None
+    return check_results(obj, path)
+
+
+def merge_results(older: dict[str, Any], newer: dict[str, Any]) -> dict[str, Any]:
+    """The rows of both (same configuration hash), by grid point; ``newer``'s row wins where
+    both have one. Nothing either holds is lost."""
+    cells = {_key(c): c for c in older["cells"]}
+    cells.update({_key(c): c for c in newer["cells"]})
+    refs = {ref_key(r): r for r in older["references"]}
+    refs.update({ref_key(r): r for r in newer["references"]})
+    merged = {**older, **newer}
+    merged["cells"], merged["references"] = list(cells.values()), list(refs.values())
+    return merged
+
+
+def load_previous(out: Path, config: StudyConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Earlier results of this configuration — ``results.json`` if its hash matches, merged
+    with the backup ``results.<hash>.json`` of this hash if there is one — or an empty skeleton;
+    and, if ``results.json`` holds another configuration, its content, which the caller backs up
+    before its first write."""
+    path = out / "results.json"
+    h = config.cell_hash()
+    stored: dict[str, Any] = {"config": config.to_dict(), "config_hash": h,
+                              "references": [], "cells": []}
+    current = read_results(path) if path.exists() else None
+    stale = None
+    if current is not None and current["config_hash"] == h:
+        stored = current
+    else:
+        stale = current
+    backup = out / f"results.{h}.json"
+    if backup.exists():
+        try:
+            stored = merge_results(read_results(backup), stored)
+        except StudyError as err:
+            log.warning("ignoring the unreadable backup %s (%s); it is kept as it is", backup,
+                        err)
+    stored["config"], stored["config_hash"] = config.to_dict(), h
+    return stored, stale
 
 
 class Study:
@@ -82,9 +240,12 @@ class Study:
     def __init__(self, config: StudyConfig, out: str | Path, *, progress: bool = True) -> None:
         config.validate()
         self.config, self.out, self.progress = config, Path(out), progress
+        self.device = check_device(config.device)
         check_output_dir(self.out)
         self.dtype = getattr(torch, config.dtype)
-        self.device = torch.device(config.device)
+        self.vector_dir = self.out / "vectors" / config.cell_hash()
+        self._lock = OutputLock(self.out)
+        self._legacy: set[tuple] = set()  # grid points whose flat (pre-hash) vectors are trusted
 
     # ------------------------------------------------------------------ setup
     def _prepare(self) -> None:
@@ -195,7 +356,8 @@ class Study:
             v = (est.fm.space.get(updated) - est.fm.theta) / scale
         else:
             v = est.inverse_hvp(self.g)
-        io.save_tensors_atomic(self._vector_path(cls, spec, m, seed), {"v": v.cpu()})
+        io.save_tensors_atomic(self._vector_path(cls, spec, m, seed), {"v": v.cpu()},
+                               self._vector_meta((cls, spec, m, seed)))
         return {"removed_class": cls, "sampler": spec, "sample_size": m, "seed": seed,
                 **self._scores(updated, cls),
                 "ihvp_rel_error": relative_error(v, self.v_full),
@@ -205,15 +367,51 @@ class Study:
                 "memory_method": meas.method}
 
     def _vector_path(self, cls: int, spec: str, m: int, seed: int) -> Path:
-        return self.out / "vectors" / f"c{cls}_{spec}_m{m}_s{seed}.safetensors"
+        return self.vector_dir / f"c{cls}_{spec}_m{m}_s{seed}.safetensors"
+
+    def _reference_path(self, cls: int) -> Path:
+        return self.vector_dir / f"full_c{cls}.safetensors"
+
+    def _vector_meta(self, key: tuple) -> dict[str, Any]:
+        """What a stored vector records about itself, checked when it is read back."""
+        return {"config_hash": self.config.cell_hash(), "key": list(key)}
+
+    def _read_vectors(self, path: Path, key: tuple) -> tuple[dict[str, Tensor] | None, str]:
+        """The tensors stored at ``path`` for grid point (or reference) ``key``, or None and why
+        not: missing, damaged (unreadable or failing its checksum) or another run's."""
+        try:
+            tensors, meta = io.load_tensors(path)
+        except FileNotFoundError:
+            legacy = path.parent.parent / path.name  # written before vectors/<hash>/ existed
+            if key in self._legacy and legacy.is_file():
+                try:
+                    tensors, meta = io.load_tensors(legacy)
+                except (ValueError, OSError) as err:
+                    return None, f"damaged ({err})"
+                if meta == {}:
+                    io.save_tensors_atomic(path, tensors, self._vector_meta(key))
+                    return tensors, ""
+            return None, "missing"
+        except ValueError as err:
+            return None, f"damaged ({err})"
+        if meta != self._vector_meta(key):
+            return None, f"written by another run (it records {meta})"
+        return tensors, ""
 
     def vectors(self, cls: int, spec: str, m: int) -> list[Tensor]:
-        """The stored v_T of every finished seed of one (class, sampler, size)."""
+        """The stored v_T of every seed of one (class, sampler, size); StudyEnvironmentError if
+        any is missing or damaged, so that no statistic is taken over fewer seeds."""
         out = []
         for seed in range(self.config.seeds):
-            p = self._vector_path(cls, spec, m, seed)
-            if p.exists():
-                out.append(io.load_tensors(p)[0]["v"])
+            key = (cls, spec, m, seed)
+            path = self._vector_path(*key)
+            tensors, why = self._read_vectors(path, key)
+            if tensors is None:
+                raise StudyEnvironmentError(
+                    f"the estimate of cell {key} ({path}) is {why}; re-run the command to "
+                    "rebuild it (the seed spread is never computed from fewer seeds)"
+                )
+            out.append(tensors["v"])
         return out
 
     # ------------------------------------------------------------------ run
@@ -232,34 +430,94 @@ class Study:
             out[cls] = (removed, rest)
         return out
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the output directory's lock (re-entrant); clears temporary files that writes
+        killed midway left behind, which only the lock holder may do."""
+        if self._lock.held:
+            yield
+            return
+        try:
+            self._lock.acquire()
+        except OutputLockedError as err:
+            raise StudyEnvironmentError(str(err)) from None
+        try:
+            removed = [*io.remove_temporaries(self.out), *io.remove_temporaries(
+                self.out / "cache"), *io.remove_temporaries(self.out / "vectors", recursive=True)]
+            if removed:
+                log.warning("removed %d temporary file(s) that interrupted writes left in %s: %s",
+                            len(removed), self.out, ", ".join(p.name for p in removed))
+            yield
+        finally:
+            self._lock.release()
+
+    def _back_up(self, stale: dict[str, Any]) -> Path:
+        """Merge results of another configuration into ``results.<their hash>.json`` (a backup
+        only grows; an unreadable one is kept and the rows go to the next free name)."""
+        h = stale["config_hash"]
+        path = self.out / f"results.{h}.json"
+        merged = stale
+        if path.exists():
+            try:
+                merged = merge_results(read_results(path), stale)
+            except StudyError as err:
+                log.warning("keeping the unreadable backup %s as it is (%s)", path, err)
+                n = 1
+                while (self.out / f"results.{h}.{n}.json").exists():
+                    n += 1
+                path = self.out / f"results.{h}.{n}.json"
+        io.write_json_atomic(path, merged)
+        log.warning("configuration changed: the earlier results (%d cells) are kept in %s",
+                    len(merged["cells"]), path)
+        return path
+
     def run(self) -> dict[str, Any]:
-        """Run (or resume) every cell; returns the results dict also written to results.json."""
+        """Run (or resume) every cell of the grid; results.json keeps every finished cell of
+        this configuration, and the returned dict holds this grid's (what the report shows)."""
+        with self.locked():
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         c = self.config
         results, stale = load_previous(self.out, c)
+        if (self.out / "results.json").exists() and stale is None:
+            # vectors/ without a hash folder (repif ≤ 0.1) hold the last run's estimates: they
+            # are trusted for the rows of this results.json only
+            current = io.read_json(self.out / "results.json")
+            self._legacy = {_key(r) for r in current["cells"]}
+            self._legacy |= {("full", r["removed_class"]) for r in current["references"]}
         self._prepare()
         splits = self._check_grid()
         path = self.out / "results.json"
         if stale is not None:  # only now, when the new run is known to start
-            backup = self.out / f"results.{stale}.json"
-            path.replace(backup)
-            log.warning("configuration changed: earlier results moved to %s", backup)
+            self._back_up(stale)
         grid = [(k, s, m, seed) for k in c.remove for s in c.samplers for m in c.sizes
                 for seed in range(c.seeds)]
-        results["cells"] = [r for r in results["cells"] if _key(r) in set(grid)]
-        results["references"] = [r for r in results["references"]
-                                 if r["removed_class"] in c.remove]
-        done = {_key(r) for r in results["cells"]}
+        rows = {_key(r): r for r in results["cells"]}
+        done = set()
+        for key in grid:
+            if key in rows:
+                tensors, why = self._read_vectors(self._vector_path(*key), key)
+                if tensors is None:
+                    log.warning("the stored estimate of cell %s is %s; recomputing the cell",
+                                key, why)
+                else:
+                    done.add(key)
         bar = tqdm(total=len(grid), desc="cells", disable=not self.progress,
                    initial=len(done))
         for cls, (removed, rest) in splits.items():
             refs = [r for r in results["references"] if r["removed_class"] == cls]
-            saved = self.out / "vectors" / f"full_c{cls}.safetensors"
-            if refs and saved.exists():  # resuming: g and v_R were stored with the references
-                tensors = io.load_tensors(saved)[0]
+            saved = self._reference_path(cls)
+            tensors, why = self._read_vectors(saved, ("full", cls)) if refs else (None, "")
+            if tensors is not None:  # resuming: g and v_R were stored with the references
                 self.g, self.v_full = (tensors[k].to(self.device, self.dtype) for k in "gv")
             else:
+                if refs:
+                    log.warning("the stored full-pool solve of class %d is %s; recomputing the "
+                                "references", cls, why)
                 full = self._reference(cls, removed, rest)
-                io.save_tensors_atomic(saved, {"g": self.g.cpu(), "v": self.v_full.cpu()})
+                io.save_tensors_atomic(saved, {"g": self.g.cpu(), "v": self.v_full.cpu()},
+                                       self._vector_meta(("full", cls)))
                 refs = [full, self._retrain(cls, rest)]
                 results["references"] = [r for r in results["references"]
                                          if r["removed_class"] != cls]
@@ -268,17 +526,31 @@ class Study:
             scale = next(r["scale"] for r in refs if r["kind"] == "full")
             # samplers innermost, so that drift in machine load hits every sampler alike
             for seed, m, spec in itertools.product(range(c.seeds), c.sizes, c.samplers):
-                if (cls, spec, m, seed) in done:
+                key = (cls, spec, m, seed)
+                if key in done:
                     continue
                 bar.set_postfix_str(f"class {cls} {spec} m={m} seed={seed}")
-                results["cells"].append(self._cell(cls, spec, m, seed, removed, rest, scale))
+                row = self._cell(cls, spec, m, seed, removed, rest, scale)
+                if key in rows:  # a recomputed cell replaces its row in place
+                    results["cells"][results["cells"].index(rows[key])] = row
+                else:
+                    results["cells"].append(row)
+                rows[key] = row
                 io.write_json_atomic(path, results)
                 bar.update()
         bar.close()
         results["environment"] = io.environment_metadata()
         results["num_params"] = self._num_params()
         io.write_json_atomic(path, results)
-        return results
+        return self._view(results, set(grid))
+
+    def _view(self, results: dict[str, Any], grid: set[tuple]) -> dict[str, Any]:
+        """``results`` restricted to this run's grid and removed classes (what is reported)."""
+        view = dict(results)
+        view["cells"] = [r for r in results["cells"] if _key(r) in grid]
+        view["references"] = [r for r in results["references"]
+                              if r["removed_class"] in self.config.remove]
+        return view
 
 
 def _key(cell: dict[str, Any]) -> tuple[int, str, int, int]:

@@ -1,0 +1,175 @@
+"""One study at a time per output directory: a lock file holding the owner's PID and host.
+
+The lock is ``DIR/.repif.lock``. Where the OS offers ``flock`` (Linux, macOS) the kernel holds
+the lock and drops it when its process dies, however it dies; the file's content (PID, host,
+start time, command) only names the owner in the error a second run gets. Elsewhere the file's
+existence is the lock, and a lock whose PID no longer runs on this host is stale. Either way a
+lock left behind by a killed run is taken over with a warning, and a clean exit deletes the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("repif.study")
+
+LOCK_NAME = ".repif.lock"
+
+
+class OutputLockedError(RuntimeError):
+    """Another live process holds the output directory's lock."""
+
+
+def _describe(info: dict[str, Any]) -> str:
+    if not info:
+        return "another process (its lock file names none yet)"
+    started = info.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(
+        started, (int, float)) else "?"
+    return (f"PID {info.get('pid', '?')} on host {info.get('host', '?')} (started {when}: "
+            f"{info.get('command', '?')})")
+
+
+def _read(fd: int) -> dict[str, Any]:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = b""
+        while chunk := os.read(fd, 65536):
+            text += chunk
+        info = json.loads(text.decode("utf-8")) if text.strip() else {}
+        return info if isinstance(info, dict) else {"content": str(info)}
+    except (OSError, ValueError):
+        return {"content": "unreadable"}
+
+
+def _pid_alive(pid: Any) -> bool:
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class OutputLock:
+    """``with OutputLock(folder):`` holds ``folder``'s lock or raises OutputLockedError."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def _info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])}
+
+    def _in_use(self, info: dict[str, Any]) -> OutputLockedError:
+        return OutputLockedError(
+            f"output directory {self.folder} is in use by another repif run: {_describe(info)}; "
+            f"wait for it to finish or pass another --out (if no such process runs, delete "
+            f"{self.path})"
+        )
+
+    def _stale(self, info: dict[str, Any]) -> None:
+        log.warning("taking over the lock of %s left by a run that no longer holds it: %s",
+                    self.folder, _describe(info))
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if fcntl is not None:
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as err:
+                    if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        info = _read(fd)
+                        os.close(fd)
+                        raise self._in_use(info) from None
+                    os.close(fd)  # flock unsupported here (some network file systems)
+                    break
+                try:  # the holder may have deleted the file between our open and flock
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
+                    continue
+                previous = _read(fd)
+                if previous:
+                    self._stale(previous)
+                self._own(fd)
+                return
+        self._acquire_by_pid()
+
+    def _acquire_by_pid(self) -> None:
+        """Without flock: the file's existence is the lock; a dead PID on this host is stale."""
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                with contextlib.suppress(FileNotFoundError):
+                    rfd = os.open(self.path, os.O_RDONLY)
+                    info = _read(rfd)
+                    os.close(rfd)
+                    if info.get("host") != socket.gethostname() or _pid_alive(info.get("pid")):
+                        raise self._in_use(info) from None
+                    self._stale(info)
+                    self.path.unlink()
+                continue
+            self._own(fd)
+            return
+        raise self._in_use({})
+
+    def _own(self, fd: int) -> None:
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(self._info()) + "\n").encode("utf-8"))
+            os.fsync(fd)
+        except OSError as err:  # a full disk or read-only file system: name the file
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # while still holding it, so no one else's file is removed
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

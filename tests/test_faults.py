@@ -226,6 +226,7 @@ def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
         msg = str(err.value)
         assert f"PID {os.getpid()} on host {socket.gethostname()}" in msg
         assert "wait for it to finish or pass another --out" in msg
+        assert "delete" not in msg  # with flock only a live process holds it: no such advice
     assert not (tmp_path / lock_module.LOCK_NAME).exists()  # a clean exit removes it
 
 
@@ -253,7 +254,8 @@ def test_pid_only_lock_refuses_a_live_process(tmp_path, monkeypatch):
     monkeypatch.setattr(lock_module, "fcntl", None)
     live = {"pid": os.getppid(), "host": socket.gethostname(), "started": time.time()}
     (tmp_path / lock_module.LOCK_NAME).write_text(json.dumps(live))
-    with pytest.raises(OutputLockedError, match=rf"PID {os.getppid()} on host"):
+    with pytest.raises(OutputLockedError, match=rf"PID {os.getppid()} on host.*if no such "
+                                                rf"process runs, delete"):
         OutputLock(tmp_path).acquire()
     assert json.loads((tmp_path / lock_module.LOCK_NAME).read_text()) == live
 

@@ -83,14 +83,19 @@ class OutputLock:
         return self._fd is not None
 
     def _info(self) -> dict[str, Any]:
+        prog = os.path.basename(sys.argv[0] or "python")
+        if prog == "__main__.py":
+            prog = "python -m repif"
         return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])}
+                "command": " ".join([prog, *sys.argv[1:]])}
 
-    def _in_use(self, info: dict[str, Any]) -> OutputLockedError:
+    def _in_use(self, info: dict[str, Any], by_pid: bool = False) -> OutputLockedError:
+        # with flock only a live process can hold the lock; without it, a crashed run on
+        # another host cannot be told from a live one
+        hint = f" (if no such process runs, delete {self.path})" if by_pid else ""
         return OutputLockedError(
             f"output directory {self.folder} is in use by another repif run: {_describe(info)}; "
-            f"wait for it to finish or pass another --out (if no such process runs, delete "
-            f"{self.path})"
+            f"wait for it to finish or pass another --out{hint}"
         )
 
     def _stale(self, info: dict[str, Any]) -> None:
@@ -138,13 +143,13 @@ class OutputLock:
                     info = _read(rfd)
                     os.close(rfd)
                     if info.get("host") != socket.gethostname() or _pid_alive(info.get("pid")):
-                        raise self._in_use(info) from None
+                        raise self._in_use(info, by_pid=True) from None
                     self._stale(info)
                     self.path.unlink()
                 continue
             self._own(fd)
             return
-        raise self._in_use({})
+        raise self._in_use({}, by_pid=True)
 
     def _own(self, fd: int) -> None:
         try:

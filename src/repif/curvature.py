@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
+from repif import distributed
 from repif.data import batch_len, take, to_device
 from repif.memory import MemoryBudget
 from repif.task import FunctionalModel
@@ -183,8 +184,9 @@ class CurvatureOperator:
         step = self._points_per_call(k)
         batched = vmap(self._chunk_product, in_dims=(None, None, None, 0))
         out = torch.zeros_like(vs)
-        for s in range(0, self.n, step):
-            rows = slice(s, s + step)
+        lo, hi = distributed.local_range(self.n)  # this rank's points; (0, n) in one process
+        for s in range(lo, hi, step):
+            rows = slice(s, min(s + step, hi))
             x, y, w = take(self.x, rows), take(self.y, rows), self.weights[rows]
             if k == 1:
                 out[0] += self._chunk_product(x, y, w, vs[0])
@@ -193,7 +195,7 @@ class CurvatureOperator:
                 out += batched(x, y, w, vs)
             except RuntimeError:  # an op without a batching rule: fall back to a loop
                 out += torch.stack([self._chunk_product(x, y, w, v) for v in vs])
-        return out
+        return distributed.all_reduce_sum(out)  # the ranks' partial sums (no-op in one process)
 
     def _activations(self) -> int:
         if self._activation_numel is None:
@@ -219,26 +221,29 @@ class CurvatureOperator:
             diag = torch.zeros(self.size, dtype=self.fm.dtype, device=self.fm.device)
             for rows in self._factor_chunks():
                 diag += rows.pow(2).sum(0)
-            self._diag = diag
+            self._diag = distributed.all_reduce_sum(diag)
         return self._diag
 
     def ggn_factor(self) -> Tensor:
         """(n·C, p) matrix A with AᵀA = Σ_i w_i J_iᵀ Λ_i J_i (the GGN without weight decay).
 
         Rows i·C … i·C + C − 1 are √w_i B_i J_i, with B_i the task's factor of Λ_i. Built anew on
-        each call into one preallocated matrix; the caller owns it.
+        each call into one preallocated matrix; the caller owns it. Over several processes each
+        rank builds its points' rows and every rank receives the whole factor.
         """
+        lo, hi = distributed.local_range(self.n)
         out = torch.empty(
-            self.n * self.output_dim, self.size, dtype=self.fm.dtype, device=self.fm.device
+            (hi - lo) * self.output_dim, self.size, dtype=self.fm.dtype, device=self.fm.device
         )
         s = 0
         for rows in self._factor_chunks():
             out[s : s + rows.shape[0]] = rows
             s += rows.shape[0]
-        return out
+        return distributed.all_gather_cat(out)  # rows in point order (no-op in one process)
 
     def _factor_chunks(self) -> Iterator[Tensor]:
-        """The rows of :meth:`ggn_factor`, as many points at a time as the budget allows."""
+        """The rows of :meth:`ggn_factor` for this rank's points (all of them in one process),
+        as many points at a time as the budget allows."""
         if self.kind != "ggn":
             raise ValueError("ggn_factor needs curvature='ggn' (the Hessian has no such factor)")
         fm = self.fm
@@ -249,8 +254,9 @@ class CurvatureOperator:
         jac = vmap(jacrev(single), in_dims=(None, 0))
         per_point = JACOBIAN_COPIES * self.output_dim * self.size * fm.theta.element_size()
         step = self.budget.rows(per_point + self._pair_cost(), limit=self.n)
-        for s in range(0, self.n, step):
-            rows = slice(s, s + step)
+        lo, hi = distributed.local_range(self.n)
+        for s in range(lo, hi, step):
+            rows = slice(s, min(s + step, hi))
             x, y, w = take(self.x, rows), take(self.y, rows), self.weights[rows]
             j = jac(fm.theta, x)  # (b, C, p)
             with torch.no_grad():
@@ -267,7 +273,8 @@ class CurvatureOperator:
             for rows in self._factor_chunks():
                 gram(rows, out=m)
                 diag += rows.pow(2).sum(0)
-            self._diag = diag
+            m = distributed.all_reduce_sum(m)  # p² numbers per rank: the dense path's price
+            self._diag = distributed.all_reduce_sum(diag)
             m.mul_(1.0 - self.shrinkage)
             m.diagonal().add_(self.weight_decay + self.shrinkage * self.diagonal())
             return m

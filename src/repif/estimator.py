@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from repif import distributed
 from repif import samplers as _samplers
 from repif import solvers as _solvers
 from repif.curvature import CURVATURES, resolve_shrinkage
@@ -143,6 +144,7 @@ class InfluenceEstimator:
             params[0].device if params else torch.device("cpu")
         )
         self.model = copy.deepcopy(model).to(dev).eval()
+        distributed.broadcast_module(self.model)  # over several processes: rank 0's weights
         for name, p in self.model.named_parameters():
             check_finite(p.detach(), f"model parameter {name!r}")
         self.fm = FunctionalModel(self.model, self.task)
@@ -242,13 +244,45 @@ class InfluenceEstimator:
     def inverse_hvp(self, vec: Tensor) -> Tensor:
         """(C + λI)⁻¹ vec for a (p,) or (k, p) vector; same shape out."""
         rows = check_vector(vec, self.num_params, "vector")
-        out = self.fitted.solve(rows.to(self.fm.device, self.fm.dtype))
+        out = self._solve(rows.to(self.fm.device, self.fm.dtype))
         if not bool(torch.isfinite(out).all()):
             raise ArithmeticError(
                 f"solver {self.solver_name!r} returned non-finite values; raise the damping "
                 f"(now {self.damping}) or use curvature='ggn'"
             )
         return out.reshape(vec.shape)
+
+    def _solve(self, rows: Tensor) -> Tensor:
+        """(k, p) → (k, p) solves. Over several processes with at least one row per rank and a
+        solver whose rows do not interact, each rank solves its share of the rows on its own
+        (with the whole subset) and the results are gathered; otherwise every rank runs the
+        solver in lockstep on the same rows, its curvature products sharded by subset point."""
+        fitted = self.fitted  # fit first: a fit shards its own work
+        if not self._split_rows(rows.shape[0]):
+            return fitted.solve(rows)
+        lo, hi = distributed.local_range(rows.shape[0])
+        with distributed.local():
+            part = fitted.solve(rows[lo:hi])
+        return distributed.all_gather_cat(part)
+
+    def _split_rows(self, k: int) -> bool:
+        """Whether k right-hand sides are split across ranks (see :meth:`_solve`): not for
+        LiSSA with mini-batches, whose rows in a block share the batches drawn."""
+        if not distributed.is_distributed() or k < distributed.world_size():
+            return False
+        return not (self.solver_name == "lissa"
+                    and self.solver_options.get("batch_size") is not None)
+
+    def _solved_gradients(self, source: DataSource, idx: Tensor, measure: str) -> Tensor:
+        """(k, p) (C + λI)⁻¹∇ of points ``idx``. Over several processes where rows may be split,
+        each rank solves the gradients of its own share and only the solutions travel."""
+        if not self._split_rows(idx.numel()):
+            return self.inverse_hvp(self._gradients(source, idx, measure))
+        self.fitted  # noqa: B018 - fit (sharded) before the ranks go their own ways
+        mine = distributed.shard(idx)  # taken before local(), where every rank has all
+        with distributed.local():
+            part = self.inverse_hvp(self._gradients(source, mine, measure))
+        return distributed.all_gather_cat(part)
 
     def _indices(self, indices: Any) -> Tensor:
         if indices is None:
@@ -257,9 +291,19 @@ class InfluenceEstimator:
 
     def _bar(self, total: int, desc: str) -> tqdm:
         disable = None if self.progress is None else not self.progress
+        if not distributed.is_main():
+            disable = True  # only rank 0 shows progress
         return tqdm(total=total, desc=desc, unit="pt", disable=disable, leave=False)
 
     def _gradients(self, source: DataSource, idx: Tensor, measure: str = "loss") -> Tensor:
+        """(k, p) per-sample gradients of points ``idx``; over several processes each rank
+        computes its share and every rank receives all of them."""
+        if distributed.is_distributed():
+            mine = self._local_gradients(source, distributed.shard(idx), measure)
+            return distributed.all_gather_cat(mine)
+        return self._local_gradients(source, idx, measure)
+
+    def _local_gradients(self, source: DataSource, idx: Tensor, measure: str) -> Tensor:
         out = torch.empty(idx.numel(), self.num_params, dtype=self.fm.dtype, device=self.fm.device)
         for offset, g in stream_gradients(self.fm, source, idx, self.budget, self.cost,
                                           measure=measure):
@@ -309,28 +353,58 @@ class InfluenceEstimator:
         n_test, item = len(source), self.cost.itemsize
         factor_row = (1 + SOLVER_ROW_COPIES) * self.num_params * item
         test_rows = min(n_test, max(1, (self.budget.bytes // 2) // factor_row))
+        sharded = distributed.is_distributed()
+        if sharded:  # every rank loops over the same test blocks; each scores its columns
+            test_rows = distributed.agree(test_rows)
+        columns = distributed.shard(idx)  # all of idx in one process
         scores = torch.empty(n_test, idx.numel(), dtype=self.fm.dtype)
-        bar = self._bar(idx.numel() * -(-n_test // test_rows), "influence")
+        bar = self._bar(columns.numel() * -(-n_test // test_rows), "influence")
         for t0 in range(0, n_test, test_rows):
             block = torch.arange(t0, min(n_test, t0 + test_rows))
-            factors = self.inverse_hvp(self._gradients(source, block, "query"))
-            for offset, part in stream_scores(self.fm, self.source, idx, self.budget, self.cost,
-                                              factors):
-                scores[block, offset : offset + part.shape[1]] = -part.cpu()
+            factors = self._solved_gradients(source, block, "query")
+            mine = torch.empty(block.numel(), columns.numel(), dtype=self.fm.dtype) if sharded \
+                else scores
+            rows = slice(None) if sharded else block
+            for offset, part in stream_scores(self.fm, self.source, columns, self.budget,
+                                              self.cost, factors):
+                mine[rows, offset : offset + part.shape[1]] = -part.cpu()
                 bar.update(part.shape[1])
+            if sharded:  # the ranks' columns, in training-index order
+                scores[block] = distributed.all_gather_cat(mine.T.contiguous()).T
             del factors
         bar.close()
         return scores
 
     def self_influence(self, indices: Tensor | None = None) -> Tensor:
-        """(k,) I(z_i, z_i) = −∇l_iᵀ(C + λI)⁻¹∇l_i for training points ``indices``, streamed."""
+        """(k,) I(z_i, z_i) = −∇l_iᵀ(C + λI)⁻¹∇l_i for training points ``indices``, streamed.
+        Over several processes each rank scores its share of the points (solving on its own
+        where the solver allows, see :meth:`_solve`) and the scores are gathered."""
         idx = self._indices(indices)
-        out = torch.empty(idx.numel(), dtype=self.fm.dtype)
         solver_row = SOLVER_ROW_COPIES * self.num_params * self.cost.itemsize
+        if distributed.is_distributed() and not self._split_rows(idx.numel()):
+            return self._lockstep_self_influence(idx, solver_row)
+        self.fitted  # noqa: B018 - fit (sharded) before the ranks go their own ways
+        mine = distributed.shard(idx)  # all of idx in one process
+        out = torch.empty(mine.numel(), dtype=self.fm.dtype)
+        bar = self._bar(mine.numel(), "self-influence")
+        with distributed.local():
+            for offset, g in stream_gradients(self.fm, self.source, mine, self.budget,
+                                              self.cost, extra_row_bytes=solver_row):
+                out[offset : offset + g.shape[0]] = -(g * self.inverse_hvp(g)).sum(dim=1).cpu()
+                bar.update(g.shape[0])
+        bar.close()
+        return distributed.all_gather_cat(out)
+
+    def _lockstep_self_influence(self, idx: Tensor, solver_row: int) -> Tensor:
+        """Self-influence over several processes when the solver runs in lockstep: chunks of
+        the same size on every rank, each chunk's gradients gathered and solved together."""
+        rows = self.budget.rows(self.cost.gradient_row() + solver_row)
+        rows = self.source.chunk_rows(distributed.agree(rows))
+        out = torch.empty(idx.numel(), dtype=self.fm.dtype)
         bar = self._bar(idx.numel(), "self-influence")
-        for offset, g in stream_gradients(self.fm, self.source, idx, self.budget, self.cost,
-                                          extra_row_bytes=solver_row):
-            out[offset : offset + g.shape[0]] = -(g * self.inverse_hvp(g)).sum(dim=1).cpu()
+        for s in range(0, idx.numel(), rows):
+            g = self._gradients(self.source, idx[s : s + rows])
+            out[s : s + g.shape[0]] = -(g * self.inverse_hvp(g)).sum(dim=1).cpu()
             bar.update(g.shape[0])
         bar.close()
         return out

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from repif import distributed
 from repif import samplers as _samplers
 from repif import solvers as _solvers
 from repif.curvature import CurvatureOperator, resolve_shrinkage
@@ -98,8 +99,18 @@ class CurvatureFitter:
     def pool_statistics(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One streaming forward pass → (k, C) logits, (k, d) penultimate features and (k,)
         targets, on the CPU, in the order of ``indices``."""
-        outs, feats, targets = [], [], []
         rows = self.budget.rows(self.cost.forward_row())
+        if not distributed.is_distributed():
+            return self._pool_pass(indices, rows)
+        # each rank streams its share, cut at the same chunk boundaries as one process would
+        # use when the pool is large; the shares are gathered so every rank sees every point
+        rows = self.source.chunk_rows(distributed.agree(rows))
+        mine = distributed.shard(indices, distributed.balanced_block(indices.numel(), rows))
+        logits, feats, targets = self._pool_pass(mine, rows)
+        return tuple(distributed.all_gather_cat(t) for t in (logits, feats, targets))
+
+    def _pool_pass(self, indices: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        outs, feats, targets = [], [], []
         for _, batch in self.source.batches(indices, rows):
             inputs, y = split_batch(self.fm, batch)
             self.task.check_targets(y, self.output_dim)
@@ -107,6 +118,10 @@ class CurvatureFitter:
             outs.append(o.cpu())
             feats.append(f.cpu())
             targets.append(y.cpu())
+        if not outs:  # an empty share (more ranks than points): shapes from one probe point
+            inputs, y = split_batch(self.fm, self.source.first())
+            o, f = self.fm.logits_and_features(inputs)
+            return o[:0].cpu(), f[:0].cpu(), y[:0].cpu()
         return torch.cat(outs), torch.cat(feats), torch.cat(targets)
 
     # ------------------------------------------------------------------ fitting
@@ -122,6 +137,9 @@ class CurvatureFitter:
             subset = Subset(p.indices.clone(), uniform)
         else:
             subset = o.sampler.select(p, o.sample_size, o.seed)
+        if distributed.is_distributed():  # every rank drew the same; make it so by construction
+            subset = Subset(distributed.broadcast(subset.indices),
+                            distributed.broadcast(subset.weights))
         sample_s = time.perf_counter() - t0
         fitted = self.prepare(subset)
         return FittedCurvature(subset, fitted.solver, {"sample_s": sample_s, **fitted.timings})

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from repif import distributed
 from repif.data import Batch, DataSource, batch_len, take, to_device
 from repif.memory import MemoryBudget
 from repif.task import FunctionalModel
@@ -163,15 +164,17 @@ def sum_gradient(
     *,
     theta: Tensor | None = None,
 ) -> Tensor:
-    """(p,) Σ_{i ∈ indices} ∇l(z_i; θ): one ordinary batched backward per budget-sized chunk."""
+    """(p,) Σ_{i ∈ indices} ∇l(z_i; θ): one ordinary batched backward per budget-sized chunk.
+    Over several processes each rank sums its share of ``indices`` and the sums are added."""
     theta = (fm.theta if theta is None else theta).detach().requires_grad_(True)
     total = torch.zeros_like(theta)
     rows = budget.rows(cost.backward_row(), fixed=2 * theta.numel() * cost.itemsize)
+    indices = distributed.shard(indices)  # all of them in one process
     for _, batch in source.batches(indices, rows):
         inputs, targets = split_batch(fm, batch)
         (g,) = torch.autograd.grad(fm.losses(theta, inputs, targets).sum(), theta)
         total += g
-    return total.detach()
+    return distributed.all_reduce_sum(total.detach())
 
 
 def mean_gradient(

@@ -19,6 +19,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from repif import distributed
 from repif.fitting import CurvatureFitter, FittedCurvature
 from repif.gradients import sum_gradient
 from repif.validation import check_finite_number, check_indices
@@ -78,11 +79,13 @@ def newton_removal(
         fitted = fitter.draw(rest)  # the curvature must not see the removed points
     fm, wd = fitter.fm, fitter.fm.task.weight_decay
     theta = fm.theta + scale * fitted.solve(removal_gradient(fitter, removed)[None])[0]
+    theta = distributed.broadcast(theta)  # rank 0's: the same model on every rank
     for _ in range(steps - 1):
         fm_k = fm.at(theta)
         grad_r = sum_gradient(fm_k, fitter.source, rest, fitter.budget, fitter.cost)
         g = -(grad_r / rest.numel() + wd * theta)
         theta = theta + scale * fitter.prepare(fitted.subset, fm_k).solve(g[None])[0]
+        theta = distributed.broadcast(theta)
     if not bool(torch.isfinite(theta).all()):
         raise ArithmeticError(
             f"the removal update produced non-finite parameters (scale={scale}, steps={steps}); "

@@ -15,9 +15,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from repif import distributed
 
 #: 2 ms catches allocations that live for a few milliseconds (one solve) at negligible cost.
 SAMPLE_INTERVAL_S = 0.002
@@ -47,9 +49,23 @@ def _trim_heap() -> None:
 
 @dataclass
 class Measurement:
+    """Wall time and peak memory growth of a block. Over several processes both are the
+    maximum over the ranks, and ``peak_mem_per_rank`` lists each rank's figure (rank order);
+    in one process it holds the one figure."""
+
     time_s: float = 0.0
     peak_mem_bytes: int = 0
     method: str = ""
+    peak_mem_per_rank: list[int] = field(default_factory=list)
+
+
+def _combine_ranks(result: Measurement) -> None:
+    """Per-rank peak memory, and the maximum time and memory over the ranks (a collective:
+    reached only when the block succeeded on this rank)."""
+    per_rank = distributed.gather_numbers(result.peak_mem_bytes)
+    result.peak_mem_per_rank = [int(v) for v in per_rank]
+    result.peak_mem_bytes = max(result.peak_mem_per_rank)
+    result.time_s = float(distributed.agree(result.time_s, "max"))
 
 
 @contextmanager
@@ -67,6 +83,7 @@ def measure(device: torch.device | str = "cpu") -> Iterator[Measurement]:
         result.time_s = time.perf_counter() - start
         result.peak_mem_bytes = int(torch.cuda.max_memory_allocated(dev) - base)
         result.method = "cuda max_memory_allocated growth"
+        _combine_ranks(result)
         return
     _trim_heap()
     base = _rss_bytes()
@@ -90,3 +107,4 @@ def measure(device: torch.device | str = "cpu") -> Iterator[Measurement]:
         peak[0] = max(peak[0], _rss_bytes())
         result.peak_mem_bytes = int(peak[0] - base)
         result.method = f"CPU RSS growth, sampled every {SAMPLE_INTERVAL_S * 1000:.0f} ms"
+    _combine_ranks(result)

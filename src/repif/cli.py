@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from repif import distributed
 from repif.experiments.config import StudyConfig
 
 #: The demo: digits MLP, one removed class, every sampler (and importance sampling with the
@@ -108,14 +109,15 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     config = _config(args)
     out = Path(args.out or ("repif-out/demo" if args.command == "demo" else "repif-out/study"))
-    study = Study(config, out, progress=not args.quiet)
+    out = distributed.output_dir(out)  # under torchrun only rank 0 writes to --out
+    study = Study(config, out, progress=not args.quiet and distributed.is_main())
     with study.locked():  # the report too: no other run may write between results and report
         results = study.run()
         rows = aggregate(results, study.vectors)
         refs = references(results)
         head = headline(rows)
         report = write_report(results, rows, refs, head, out)
-    if not args.quiet:
+    if not args.quiet and distributed.is_main():
         print(format_table(rows, refs))
         print()
         for line in conclusions(head):

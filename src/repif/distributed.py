@@ -283,10 +283,13 @@ def launched_by_torchrun() -> bool:
 
 
 def default_backend() -> str:
-    """``"cpu:gloo,cuda:nccl"`` where CUDA and NCCL are available (CPU tensors over gloo, GPU
-    tensors over NCCL), else ``"gloo"``."""
+    """``"cpu:gloo,cuda:nccl"`` where CUDA and NCCL are available and every process of this
+    node has a GPU of its own (CPU tensors over gloo, GPU tensors over NCCL), else ``"gloo"``
+    (NCCL refuses two ranks on one GPU; gloo stages GPU tensors through the CPU)."""
     if torch.cuda.is_available() and dist.is_nccl_available():
-        return "cpu:gloo,cuda:nccl"
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if torch.cuda.device_count() >= local_world:
+            return "cpu:gloo,cuda:nccl"
     return "gloo"
 
 
@@ -303,7 +306,7 @@ def init_from_env(backend: str | None = None, timeout_s: float | None = None) ->
     if timeout_s is None:
         timeout_s = float(os.environ.get("REPIF_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     backend = backend or default_backend()
-    if "nccl" in backend and torch.cuda.is_available():
+    if torch.cuda.is_available():  # "cuda" then means this process's GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True

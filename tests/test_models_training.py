@@ -18,7 +18,7 @@ def _shape(c, h, w):
     return SimpleNamespace(input_shape=(c, h, w), num_classes=10)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet"])
+@pytest.mark.parametrize("name", ["linear", "mlp", "cnn", "resnet"])
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
 def test_models_build_forward_and_head(name, shape):
     model = models.build(name, _shape(*shape), seed=0)
@@ -48,7 +48,7 @@ def test_model_sizes_and_determinism(digits):
     )
     with pytest.raises(ValueError, match="mlp, cnn, resnet"):
         models.build("vgg", digits)
-    assert models.names() == ["mlp", "cnn", "resnet", "resnet18"]
+    assert models.names() == ["linear", "mlp", "cnn", "resnet", "resnet18"]
 
 
 def _weights(model):
@@ -195,3 +195,33 @@ def test_cosine_schedule_is_deterministic_and_differs_from_constant():
     assert not torch.allclose(fit("cosine"), fit("constant"))
     with pytest.raises(ValueError, match="unknown schedule 'step'"):
         train(nn.Linear(5, 3), (x, y), schedule="step")
+
+
+def test_logistic_regression_and_deeper_mlp():
+    lr = models.build("linear", _shape(1, 28, 28))
+    assert models.num_parameters(lr) == 784 * 10 + 10
+    with pytest.raises(ValueError, match="has no hidden size"):
+        models.build("linear", _shape(1, 28, 28), hidden=8)
+    mlp = models.build("mlp", _shape(1, 28, 28), hidden=(128, 64), seed=0)
+    assert [m.out_features for m in mlp.modules() if isinstance(m, nn.Linear)] == [128, 64, 10]
+    assert list(models.build("mlp", _shape(1, 8, 8), hidden=32).state_dict()) == [
+        "1.weight", "1.bias", "3.weight", "3.bias"]  # one hidden layer: as before
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        models.build("mlp", _shape(1, 8, 8), hidden=(16, 0))
+
+
+def test_sgd_momentum_option():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+
+    def fit(**kw) -> torch.Tensor:
+        model = models.build("linear", SimpleNamespace(input_shape=(5,), num_classes=3), seed=1)
+        train(model, (x, y), epochs=2, batch_size=8, seed=0, optimizer="sgd", lr=0.1, **kw)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(fit(), fit(momentum=0.9))  # the default
+    assert not torch.allclose(fit(momentum=0.0), fit())
+    with pytest.raises(ValueError, match="optimizer='sgd' only"):
+        train(nn.Linear(5, 3), (x, y), momentum=0.5)
+    with pytest.raises(ValueError, match=r"in \[0, 1\), got 1.5"):
+        train(nn.Linear(5, 3), (x, y), optimizer="sgd", momentum=1.5)

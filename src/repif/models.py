@@ -1,4 +1,5 @@
-"""Reference architectures: a tanh MLP, a small CNN, a tiny ResNet and the CIFAR ResNet-18.
+"""Reference architectures: logistic regression, a tanh MLP, a small CNN, a tiny ResNet and the
+CIFAR ResNet-18.
 
 In every model the last ``nn.Linear`` (in ``model.modules()`` order) is the classifier head, so
 its input is the penultimate feature vector that the samplers use. Initialisation is
@@ -7,6 +8,7 @@ deterministic per ``seed`` and does not touch the global RNG state.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -21,16 +23,30 @@ class _HasShape(Protocol):
     num_classes: int
 
 
-class MLP(nn.Sequential):
-    """Flatten → Linear(in, hidden) → Tanh → Linear(hidden, classes)."""
+class LogisticRegression(nn.Sequential):
+    """Flatten → Linear(in, classes): multinomial logistic regression (with softmax
+    cross-entropy). It has no hidden size; its features are its (flattened) inputs."""
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: int = 64) -> None:
-        super().__init__(
-            nn.Flatten(),
-            nn.Linear(math.prod(input_shape), hidden),
-            nn.Tanh(),
-            nn.Linear(hidden, num_classes),
-        )
+    def __init__(self, input_shape: Sequence[int], num_classes: int) -> None:
+        super().__init__(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+class MLP(nn.Sequential):
+    """Flatten → Linear(in, hidden) → Tanh → Linear(hidden, classes); ``hidden`` may also be a
+    sequence of widths, one Linear → Tanh pair each (e.g. (128, 64): 784-128-64-10 on MNIST)."""
+
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, hidden: int | Sequence[int] = 64
+    ) -> None:
+        widths = [math.prod(input_shape), *_widths(hidden)]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for a, b in itertools.pairwise(widths):
+            layers += [nn.Linear(a, b), nn.Tanh()]
+        super().__init__(*layers, nn.Linear(widths[-1], num_classes))
+
+
+def _widths(hidden: int | Sequence[int]) -> list[int]:
+    return [int(hidden)] if isinstance(hidden, numbers.Integral) else [int(h) for h in hidden]
 
 
 class SmallCNN(nn.Sequential):
@@ -170,6 +186,7 @@ def _chw(input_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "linear": LogisticRegression,
     "mlp": MLP,
     "cnn": SmallCNN,
     "resnet": TinyResNet,
@@ -194,29 +211,44 @@ def build(
     dataset: _HasShape,
     *,
     seed: int = 0,
-    hidden: int | None = None,
+    hidden: int | Sequence[int] | None = None,
     width: int | None = None,
 ) -> nn.Module:
     """Build architecture ``name`` for ``dataset`` (uses ``input_shape`` and ``num_classes``).
 
-    ``hidden`` is the MLP's hidden width, the CNN's penultimate width or the ResNet's channel
-    count; ``width`` is ResNet-18's base width (its head then sees ``8 * width`` features). Either
-    name sets the size of any model; giving both with different values is an error. Defaults are
-    in :data:`DEFAULT_HIDDEN`. The same ``seed`` gives the same weights, bit for bit; the global
-    RNG state is left as it was.
+    ``"linear"`` is multinomial logistic regression (no hidden size). ``hidden`` is the MLP's
+    hidden width (or a sequence of widths, one hidden layer each), the CNN's penultimate width
+    or the ResNet's channel count; ``width`` is ResNet-18's base width (its head then sees
+    ``8 * width`` features). Either name sets the size of any model; giving both with different
+    values is an error. Defaults are in :data:`DEFAULT_HIDDEN`. The same ``seed`` gives the same
+    weights, bit for bit; the global RNG state is left as it was.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
-    size = _size(name, hidden, width)
-    kwargs: dict[str, Any] = {_SIZE_ARG.get(name, "hidden"): size}
+    if name == "linear":
+        if hidden is not None or width is not None:
+            raise ValueError("model 'linear' (logistic regression) has no hidden size; leave "
+                             "hidden / width (--hidden, --width) unset")
+        kwargs: dict[str, Any] = {}
+    else:
+        kwargs = {_SIZE_ARG.get(name, "hidden"): _size(name, hidden, width)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _BUILDERS[name](tuple(dataset.input_shape), int(dataset.num_classes), **kwargs)
     return model
 
 
-def _size(name: str, hidden: int | None, width: int | None) -> int:
-    """The model size from ``hidden`` / ``width`` (aliases), validated; the default if neither."""
+def _size(name: str, hidden: Any, width: int | None) -> int | tuple[int, ...]:
+    """The model size from ``hidden`` / ``width`` (aliases), validated; the default if neither.
+    The MLP also takes a sequence of hidden widths."""
+    if name == "mlp" and isinstance(hidden, (list, tuple)):
+        if not hidden or any(isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1
+                             for h in hidden):
+            raise ValueError(f"hidden must be a positive integer or a non-empty sequence of "
+                             f"them, got {hidden!r}; e.g. hidden=(128, 64)")
+        if width is not None:
+            raise ValueError("hidden=(…) and width both set the MLP's size; pass only hidden")
+        return tuple(int(h) for h in hidden)
     if width is not None:
         if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
             raise ValueError(

@@ -51,13 +51,15 @@ def train(
     cache_dir: str | os.PathLike | None = None,
     cache_key: dict[str, Any] | None = None,
     schedule: str = "constant",
+    momentum: float | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on ``train`` and return the same module, in ``eval()`` mode.
 
     ``train`` is a tuple ``(x, y)`` of tensors or a torch ``Dataset`` of ``(x, y)`` pairs; ``y``
     holds integer class labels in ``[0, num_classes)``, where ``num_classes`` is the output size
     of the model's last ``nn.Linear``. ``optimizer`` is ``"adam"`` (default lr 1e-2) or ``"sgd"``
-    (momentum 0.9, default lr 0.1); the learning rate is constant.
+    (default lr 0.1; ``momentum`` default 0.9, e.g. 0 for plain SGD); the learning rate is
+    constant unless ``schedule="cosine"``.
 
     With ``cache_dir`` the trained weights are stored as ``model-<hash>.safetensors`` there and
     reused when the stored metadata matches exactly: the recipe, the model class and a hash of
@@ -71,6 +73,13 @@ def train(
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
     lr = DEFAULT_LR[optimizer] if lr is None else float(lr)
+    if momentum is not None:
+        if optimizer != "sgd":
+            raise ValueError(f"momentum applies to optimizer='sgd' only, got optimizer="
+                             f"{optimizer!r}; leave momentum unset")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
+                0 <= momentum < 1):
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
     x, y = as_tensors(train)
     num_classes = _num_classes(model, x)
     check_training_data(x, y, num_classes)
@@ -87,6 +96,8 @@ def train(
     }
     if schedule != "constant":  # absent for the default, so earlier cache keys still hit
         recipe["schedule"] = schedule
+    if momentum is not None:  # likewise absent when unset (SGD's default 0.9)
+        recipe["momentum"] = float(momentum)
     path = meta = None
     if cache_dir is not None:
         meta = _cache_metadata(model, x, y, recipe, cache_key)
@@ -116,9 +127,10 @@ def load_or_train(
     device: str | torch.device | None = None,
     progress: bool = False,
     optimizer: str = "adam",
-    hidden: int | None = None,
+    hidden: int | tuple[int, ...] | None = None,
     width: int | None = None,
     schedule: str = "constant",
+    momentum: float | None = None,
 ) -> nn.Module:
     """Build ``model_name`` for ``dataset`` with ``seed`` and train it on ``dataset.train``,
     reusing a cached model from ``cache_dir`` when its metadata (dataset name, sizes, shapes and a
@@ -136,7 +148,7 @@ def load_or_train(
         "num_classes": int(dataset.num_classes),
         "train_sha256": tensor_digest(x, y),
         "architecture": model_name,
-        "hidden": hidden,
+        "hidden": list(hidden) if isinstance(hidden, (list, tuple)) else hidden,
     }
     if width is not None:  # absent when unset, so keys written before ``width`` existed still hit
         key["width"] = int(width)
@@ -154,6 +166,7 @@ def load_or_train(
         cache_dir=cache_dir,
         cache_key=key,
         schedule=schedule,
+        momentum=momentum,
     )
 
 
@@ -206,7 +219,8 @@ def _fit(
     if recipe["optimizer"] == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=recipe["lr"], weight_decay=wd)
     else:
-        opt = torch.optim.SGD(params, lr=recipe["lr"], momentum=0.9, weight_decay=wd)
+        opt = torch.optim.SGD(params, lr=recipe["lr"], momentum=recipe.get("momentum", 0.9),
+                              weight_decay=wd)
     gen = torch.Generator().manual_seed(recipe["seed"])
     n, bs = len(y), recipe["batch_size"]
     loss_fn = nn.CrossEntropyLoss()

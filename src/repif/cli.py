@@ -1,4 +1,4 @@
-"""The ``repif`` command line: ``repif demo`` and ``repif class-removal``."""
+"""The ``repif`` command line: ``repif demo``, ``repif class-removal`` and ``repif evaluate``."""
 
 from __future__ import annotations
 
@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     cr.add_argument("--limit-train", type=int, default=None)
     cr.add_argument("--limit-test", type=int, default=None)
     cr.add_argument("--dtype", default="float64", choices=("float32", "float64"))
+    from repif.evaluation.cli import add_parser as add_evaluate
+
+    add_evaluate(sub, common)
     return p
 
 
@@ -107,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
+    if args.command == "evaluate":
+        from repif.evaluation.cli import run as run_evaluate
+
+        return run_evaluate(args, Path(args.out or "repif-out/evaluate"))
     config = _config(args)
     out = Path(args.out or ("repif-out/demo" if args.command == "demo" else "repif-out/study"))
     out = distributed.output_dir(out)  # under torchrun only rank 0 writes to --out

@@ -1,0 +1,256 @@
+"""Ground-truth evaluation (docs/design.md, "Protocol"): LDS and leave-one-out against retraining.
+
+The known-answer case is an L2-regularised multinomial logistic regression trained to convergence
+by full-batch L-BFGS in float64: there the exact-Hessian influence matches leave-one-out
+retraining to first order, so the LOO correlation is ≈ 1, the predicted changes have the right
+scale only under the retraining convention −(τ_j − τ̄)/(n − 1), and the LDS of exact influence is
+high. Retrains take milliseconds, so each test runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+from repif import cli
+from repif.evaluation import (
+    Evaluation,
+    EvaluationConfig,
+    Recipe,
+    evaluate,
+    lds,
+    lds_subsets,
+    loo_predicted,
+    loo_scores,
+    parse_method,
+    spearman_rows,
+)
+from repif.experiments.study import StudyEnvironmentError
+
+WD = 0.05
+N_TRAIN, N_TEST, DIM, CLASSES = 60, 20, 4, 3
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(DIM, CLASSES, generator=g, dtype=torch.float64)
+    x = torch.randn(N_TRAIN + N_TEST, DIM, generator=g, dtype=torch.float64)
+    y = torch.multinomial(torch.softmax(1.5 * x @ w, 1), 1, generator=g).squeeze(1)
+    return (x[:N_TRAIN], y[:N_TRAIN]), (x[N_TRAIN:], y[N_TRAIN:])
+
+
+def _build(seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Linear(DIM, CLASSES).double()
+
+
+def _fit(model: nn.Module, data, seed: int) -> nn.Module:
+    """Mean cross-entropy + (WD/2)‖θ‖², minimised to convergence (gradient norm ~1e-12)."""
+    x, y = data
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12,
+                            tolerance_change=1e-14, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y) + WD / 2 * sum(
+            (p ** 2).sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model
+
+
+RECIPE = Recipe.from_functions(_build, _fit, weight_decay=WD)
+
+
+@pytest.fixture(scope="module")
+def convex():
+    return _data()
+
+
+def _run(out: Path, convex, **config):
+    train, test = convex
+    config.setdefault("dampings", [0.0])
+    return evaluate(out, train=train, test=test, recipe=RECIPE, progress=False, report=False,
+                    **config)
+
+
+def _cells(results) -> dict:
+    return {c["method"]: c for c in results["cells"]}
+
+
+# --------------------------------------------------------------------------- the metrics
+def test_spearman_rows_is_scipys_spearmanr():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 30))
+    b = np.round(a + rng.normal(size=(5, 30)), 1)  # ties, as scipy averages them
+    ours = spearman_rows(a, b)
+    for t in range(5):
+        assert ours[t] == pytest.approx(spearmanr(a[t], b[t]).statistic, abs=1e-12)
+    assert np.isnan(spearman_rows(a[:1], np.ones((1, 30))))[0]  # constant: undefined
+
+
+def test_lds_of_the_exact_linear_datamodel_is_one():
+    rng = np.random.default_rng(1)
+    tau = rng.normal(size=(4, 40))
+    masks = lds_subsets(40, 12, 0.5, seed=3)
+    assert masks.shape == (12, 40) and (masks.sum(1) == 20).all()
+    exact = masks.astype(float) @ tau.T  # (S, T): a model whose target is exactly additive
+    np.testing.assert_allclose(lds(tau, masks, np.exp(exact).T), 1.0)  # any monotone map
+    np.testing.assert_allclose(lds(-tau, masks, exact.T), -1.0)
+    assert (lds_subsets(40, 15, 0.5, seed=3)[:12] == masks).all()  # more subsets keep these
+
+
+def test_loo_conventions():
+    tau = np.array([[1.0, 2.0, 3.0, 6.0]])
+    np.testing.assert_allclose(loo_predicted(tau, np.array([0, 3]), "retrain"),
+                               [[-(1 - 3) / 3, -(6 - 3) / 3]])
+    np.testing.assert_allclose(loo_predicted(tau, np.array([0, 3]), "reweight"),
+                               [[-1 / 4, -6 / 4]])
+    res = loo_scores(np.array([[1.0, 2.0, 3.0]]), np.array([[2.0, 4.0, 6.0]]))
+    assert res["per_test"][0] == pytest.approx(1.0) and res["slope"] == pytest.approx(2.0)
+
+
+# --------------------------------------------------------------------------- known answers
+def test_loo_of_exact_influence_on_a_converged_regularised_model(tmp_path, convex):
+    res = _run(tmp_path, convex, metric="loo", loo_points=30,
+               methods=["hessian:direct", "ggn:cg", "grad-dot"])
+    gt = res["ground_truth"]
+    assert gt["loo_points"] == 30 and gt["retrains"] == 1 + 2 * 31  # attributed + 2 seeds
+    assert gt["reliability"]["mean"] > 0.999  # L-BFGS to convergence: no retraining noise
+    exact = _cells(res)["hessian:direct"]
+    assert exact["score"] > 0.99 and exact["n_test"] == N_TEST
+    assert 0.85 < exact["slope"] < 1.2  # the retraining convention has the right scale
+    # a typical point's change is mostly the −Ī/(n − 1) term the reweighting convention lacks
+    assert exact["median_rel_error"] < 0.1 < 2 * exact["median_rel_error"] < \
+        exact["median_rel_error_reweight"]
+    assert _cells(res)["ggn:cg"]["score"] == pytest.approx(exact["score"], abs=1e-6)  # GGN = H
+    assert _cells(res)["grad-dot"]["score"] < exact["score"]
+
+
+def test_lds_of_exact_influence_on_a_converged_regularised_model(tmp_path, convex):
+    res = _run(tmp_path, convex, subsets=12, methods=["hessian:direct", "grad-dot"],
+               test_points=list(range(10)))
+    assert res["ground_truth"]["subset_size"] == N_TRAIN // 2
+    assert res["ground_truth"]["reliability"]["mean"] == pytest.approx(1.0)
+    exact = _cells(res)["hessian:direct"]
+    assert exact["score"] > 0.85 and len(exact["per_test"]) == 10
+    margin = _run(tmp_path / "margin", convex, subsets=12, target="margin",
+                  methods=["hessian:direct"], test_points=list(range(10)))
+    assert _cells(margin)["hessian:direct"]["score"] > 0.85
+
+
+# --------------------------------------------------------------------------- cache and resume
+def test_a_second_run_retrains_and_rescores_nothing(tmp_path, convex):
+    first = _run(tmp_path, convex, subsets=10, methods=["hessian:direct", "grad-dot",
+                                                        "ggn:direct@random"],
+                 sizes=[20], seeds=2, dampings=[0.0, 0.1])
+    assert first["ground_truth"]["trained_now"] == 1 + 2 * 10
+    assert len(first["cells"]) == 1 + 2 + 2 * 2
+    again = _run(tmp_path, convex, subsets=10, methods=["hessian:direct", "grad-dot",
+                                                        "ggn:direct@random"],
+                 sizes=[20], seeds=2, dampings=[0.0, 0.1])
+    assert again["ground_truth"]["trained_now"] == 0
+    assert again["cells"] == first["cells"]  # the stored rows, not recomputed ones
+
+    # interrupted mid-way: a lost model and a lost cell are redone, nothing else
+    store = tmp_path / first["ground_truth"]["store"]
+    victim = sorted(store.glob("subset-*.safetensors"))[3]
+    victim.unlink()
+    path = tmp_path / "results.json"
+    stored = json.loads(path.read_text())
+    lost = stored["cells"].pop()
+    path.write_text(json.dumps(stored))
+    resumed = _run(tmp_path, convex, subsets=10, methods=["hessian:direct", "grad-dot",
+                                                          "ggn:direct@random"],
+                   sizes=[20], seeds=2, dampings=[0.0, 0.1])
+    assert resumed["ground_truth"]["trained_now"] == 1 and victim.is_file()
+    redone = next(c for c in resumed["cells"] if c["method"] == lost["method"]
+                  and c["seed"] == lost["seed"] and c["damping"] == lost["damping"])
+    assert redone["score"] == pytest.approx(lost["score"], abs=1e-12)
+
+    # another configuration is kept aside and resumed from when it comes back
+    _run(tmp_path, convex, subsets=10, target="margin", methods=["grad-dot"])
+    assert len(list(tmp_path.glob("results.*.json"))) == 1
+    back = _run(tmp_path, convex, subsets=10, methods=["grad-dot"])
+    assert back["ground_truth"]["trained_now"] == 0 and back["cells"] == [
+        c for c in first["cells"] if c["method"] == "grad-dot"]
+
+
+def test_cli_runs_resumes_and_reports(tmp_path, capsys):
+    args = ["evaluate", "--dataset", "digits", "--model", "linear", "--limit-train", "200",
+            "--limit-test", "20", "--epochs", "3", "--subsets", "10", "--methods",
+            "ggn:direct,ggn:woodbury@logit-importance,grad-dot", "--sizes", "20", "--seeds", "1",
+            "--out", str(tmp_path), "--quiet"]
+    assert cli.main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {c["method"] for c in results["cells"]} == {
+        "ggn:direct", "ggn:woodbury@logit-importance", "grad-dot"}
+    assert all(-1 <= c["score"] <= 1 for c in results["cells"])
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "score_vs_size.png").is_file()
+    assert cli.main(args) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["ground_truth"][
+        "trained_now"] == 0
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("change, words", [
+    ({"fraction": 1.5}, ["fraction must be in (0, 1), got 1.5", "--fraction 0.5"]),
+    ({"fraction": 0.0}, ["fraction must be in (0, 1), got 0.0"]),
+    ({"subsets": 3}, ["at least 10 subsets, got 3", "--subsets 50"]),
+    ({"test_points": [0, 20]}, ["test index 20 is outside [0, 20)", "from 0 to 19"]),
+    ({"methods": ["ggn:bogus"]}, ["unknown solver 'bogus'", "direct", "grad-dot"]),
+    ({"methods": ["ggn:cg@bogus"]}, ["unknown sampler 'bogus'", "logit-importance"]),
+    ({"metric": "loo", "loo_points": [3, 99]}, ["training index 99 is outside [0, 60)"]),
+])
+def test_bad_input_is_one_clear_error(tmp_path, convex, change, words):
+    with pytest.raises(ValueError) as err:
+        _run(tmp_path, convex, **{"methods": ["grad-dot"], **change})
+    for w in words:
+        assert w in str(err.value)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    code = cli.main(["evaluate", "--dataset", "digits", "--fraction", "1.5", "--out",
+                     str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("repif: error:") and "got 1.5" in err[0]
+
+
+def test_one_run_per_output_directory(tmp_path, convex):
+    train, test = convex
+    cfg = EvaluationConfig(subsets=10, methods=["grad-dot"])
+    first = Evaluation(cfg, tmp_path, data=(train, test), recipe=RECIPE, progress=False)
+    with first.locked():
+        second = Evaluation(cfg, tmp_path, data=(train, test), recipe=RECIPE, progress=False)
+        with pytest.raises(StudyEnvironmentError, match="in use by another repif run"):
+            second.run()
+
+
+def test_hand_edited_results_are_refused(tmp_path, convex):
+    _run(tmp_path, convex, subsets=10, methods=["grad-dot"])
+    path = tmp_path / "results.json"
+    stored = json.loads(path.read_text())
+    stored["cells"][0]["score"] = "high"
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"cells\[0\] has score='high'"):
+        _run(tmp_path, convex, subsets=10, methods=["grad-dot"])
+
+
+def test_method_names():
+    m = parse_method("ggn:woodbury@logit-importance+shrink")
+    assert (m.curvature, m.solver, m.sampler, m.shrinkage) == (
+        "ggn", "woodbury", "logit-importance", "auto")
+    assert parse_method("direct").curvature == "ggn" and not parse_method("direct").sampled
+    assert parse_method("grad-dot").solver == "identity"

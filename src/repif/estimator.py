@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from repif import distributed
+from repif import curvature_kinds, distributed
 from repif import samplers as _samplers
 from repif import solvers as _solvers
-from repif.curvature import CURVATURES, resolve_shrinkage
+from repif.curvature import resolve_shrinkage
 from repif.data import DataSource
 from repif.fitting import CurvatureFitter, FitOptions, FittedCurvature
 from repif.gradients import CostModel, split_batch, stream_gradients, stream_scores
@@ -86,6 +86,13 @@ class InfluenceEstimator:
     draws the curvature subset from ``pool`` and prepares the solver; every method that needs it
     fits on all training points first if you have not called ``fit``. Extra keyword arguments
     go to the solver.
+
+    ``curvature="kfac"`` or ``"ekfac"`` fits Kronecker factors of the GGN on the subset (with
+    the sampler's weights) and needs ``solver="eigen"``; ``solver="cg"`` or ``"lissa"`` with
+    ``preconditioner="ekfac"`` solves the exact subset curvature with those factors as the
+    preconditioner. ``kronecker_options`` configure either fit: ``fisher`` ("exact" or
+    "sampled"), ``other_layers`` ("error", "identity", "frozen") and ``cache_dir`` (see
+    :mod:`repif.curvature_kinds`).
     """
 
     def __init__(
@@ -111,12 +118,10 @@ class InfluenceEstimator:
         per_sample: str = "auto",
         chunk_size: int | None = None,
         sampler_options: dict[str, Any] | None = None,
+        kronecker_options: dict[str, Any] | None = None,
         **solver_options: Any,
     ) -> None:
-        if curvature not in CURVATURES:
-            raise ValueError(
-                f"unknown curvature {curvature!r}; known curvatures: {', '.join(CURVATURES)}"
-            )
+        kind = curvature_kinds.get(curvature)  # unknown names list the known ones
         check_finite_number(damping, "damping")
         if not damping >= 0:
             raise ValueError(f"damping must be ≥ 0, got {damping}; a typical value is 1e-3–1e-1")
@@ -125,12 +130,17 @@ class InfluenceEstimator:
                 f"sample_size must be a positive integer or None (whole pool), got {sample_size!r}"
             )
         if sample_size is not None:
-            resolve_shrinkage(shrinkage, int(sample_size))  # a bad value fails here, not at fit
+            shrink = resolve_shrinkage(shrinkage, int(sample_size))  # fails here, not at fit
+            if shrink and kind.kronecker:
+                raise ValueError(f"shrinkage applies to curvature='ggn', not {curvature!r}; "
+                                 "pass shrinkage=0")
         if chunk_size is not None:
             warnings.warn("chunk_size is deprecated: chunks are sized by max_memory; "
                           "batch_size caps them", DeprecationWarning, stacklevel=2)
             batch_size = batch_size or chunk_size
         _solvers.build(solver, solver_options)  # unknown names or options fail here, not at fit
+        kronecker_options = _check_kronecker(curvature, kind, solver, solver_options,
+                                             kronecker_options)
         self.sampler = _samplers.build(sampler, sampler_options)
         self.curvature, self.damping, self.solver_name = curvature, float(damping), solver
         self.sampler_name, self.sample_size, self.seed = sampler, sample_size, seed
@@ -162,7 +172,7 @@ class InfluenceEstimator:
         self.source.validate = self._validate_batch
         self.cost = CostModel(self.fm, inputs, self._engine(per_sample))
         options = FitOptions(curvature, float(damping), solver, dict(solver_options),
-                             self.sampler, sample_size, seed, shrinkage)
+                             self.sampler, sample_size, seed, shrinkage, kronecker_options)
         self.fitter = CurvatureFitter(self.fm, self.source, options, self.budget, self.cost,
                                       self.output_dim)
         self._fitted: FittedCurvature | None = None
@@ -437,6 +447,33 @@ class InfluenceEstimator:
         same sampler, size and seed) and the estimator's own fit is left as it was.
         """
         return newton_removal(self.fitter, self._fitted, indices, scale=scale, steps=steps)
+
+
+def _check_kronecker(curvature: str, kind: type[curvature_kinds.CurvatureKind], solver: str,
+                     solver_options: dict[str, Any], options: dict[str, Any] | None
+                     ) -> dict[str, Any]:
+    """The Kronecker fit's options, checked against the curvature and solver they go with."""
+    options = dict(options or {})
+    pre = solver_options.get("preconditioner")
+    if kind.kronecker and solver != "eigen":
+        raise ValueError(
+            f"curvature={curvature!r} is inverted in its eigenbasis: use solver='eigen'; for "
+            "the exact subset GGN with the Kronecker factors as a preconditioner use "
+            "curvature='ggn', solver='cg' (or 'lissa') and preconditioner='ekfac'"
+        )
+    if solver == "eigen" and not kind.kronecker:
+        raise ValueError(
+            f"solver='eigen' inverts a Kronecker-factored curvature, not {curvature!r}: use "
+            "curvature='kfac' or 'ekfac', or solver='cg' with preconditioner='ekfac'"
+        )
+    if options:
+        if not (kind.kronecker or isinstance(pre, str)):
+            raise ValueError(
+                "kronecker_options configure a Kronecker-factored fit: pass them with "
+                "curvature='kfac'/'ekfac' or with a solver preconditioner ('ekfac')"
+            )
+        curvature_kinds.build("kfac", options)  # unknown options or values fail here
+    return options
 
 
 def _resolve_task(task: Task | None, weight_decay: float | None) -> Task:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from repif import distributed
+from repif import curvature_kinds, distributed
 from repif import samplers as _samplers
 from repif import solvers as _solvers
 from repif.curvature import CurvatureOperator, resolve_shrinkage
@@ -52,6 +52,9 @@ class FitOptions:
     sample_size: int | None
     seed: int
     shrinkage: float | str
+    #: Options of the Kronecker-factored fits (curvature "kfac"/"ekfac", or the preconditioner
+    #: of cg/lissa): fisher, other_layers, cache_dir (repif.curvature_kinds.KFAC).
+    kronecker_options: dict[str, Any] = field(default_factory=dict)
 
 
 class CurvatureFitter:
@@ -144,11 +147,18 @@ class CurvatureFitter:
         fitted = self.prepare(subset)
         return FittedCurvature(subset, fitted.solver, {"sample_s": sample_s, **fitted.timings})
 
-    def operator(self, subset: Subset, fm: FunctionalModel | None = None) -> CurvatureOperator:
-        """The curvature on ``subset`` (gathered whole: m points) at ``fm``'s parameters."""
+    def subset_batch(self, subset: Subset, fm: FunctionalModel | None = None) -> tuple[Any, Any]:
+        """The subset's model inputs and targets, gathered whole (m points) on ``fm``'s
+        device."""
         fm = fm or self.fm
         batch = to_device(self.source.gather(subset.indices), fm.device, fm.dtype)
-        x, y = self.task.split(batch)
+        return self.task.split(batch)
+
+    def operator(self, subset: Subset, fm: FunctionalModel | None = None) -> CurvatureOperator:
+        """The exact curvature ("ggn"/"hessian") on ``subset`` (gathered whole: m points) at
+        ``fm``'s parameters."""
+        fm = fm or self.fm
+        x, y = self.subset_batch(subset, fm)
         sampled = self.options.sample_size is not None
         shrink = resolve_shrinkage(self.options.shrinkage, len(subset)) if sampled else 0.0
         return CurvatureOperator(
@@ -156,12 +166,29 @@ class CurvatureFitter:
             budget=self.budget,
         )
 
+    def curvature(self, subset: Subset, fm: FunctionalModel | None = None) -> Any:
+        """The curvature of the fit's kind on ``subset`` at ``fm``'s parameters: an exact
+        :class:`CurvatureOperator` ("ggn", "hessian") or a fitted
+        :class:`~repif.kfac.KroneckerCurvature` ("kfac", "ekfac")."""
+        o = self.options
+        kind = curvature_kinds.get(o.curvature)
+        options = o.kronecker_options if kind.kronecker else {}
+        return curvature_kinds.build(o.curvature, options).build(self, subset, fm or self.fm)
+
     def prepare(self, subset: Subset, fm: FunctionalModel | None = None) -> FittedCurvature:
-        """A solver fitted on ``subset`` at ``fm``'s parameters (default: the trained ones)."""
+        """A solver fitted on ``subset`` at ``fm``'s parameters (default: the trained ones).
+        A preconditioner named by the solver's options ("kfac"/"ekfac") is fitted on the same
+        subset, with the same weights."""
         t0 = time.perf_counter()
         o = self.options
         options = dict(o.solver_options)
         if "seed" in _solvers.accepted_options(o.solver):
             options.setdefault("seed", o.seed)  # LiSSA batches, Lanczos start vector
-        solver = _solvers.build(o.solver, options).fit(self.operator(subset, fm), o.damping)
-        return FittedCurvature(subset, solver, {"solver_fit_s": time.perf_counter() - t0})
+        timings = {}
+        if isinstance(options.get("preconditioner"), str):
+            kind = curvature_kinds.build(options["preconditioner"], o.kronecker_options)
+            options["preconditioner"] = kind.build(self, subset, fm or self.fm)
+            timings["preconditioner_fit_s"] = time.perf_counter() - t0
+        solver = _solvers.build(o.solver, options).fit(self.curvature(subset, fm), o.damping)
+        return FittedCurvature(subset, solver,
+                               {"solver_fit_s": time.perf_counter() - t0, **timings})

@@ -11,6 +11,7 @@ twice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -103,6 +104,14 @@ class Task:
         vals, vecs = torch.linalg.eigh(0.5 * (lam + lam.transpose(-1, -2)))
         return (vecs * vals.clamp_min(0).sqrt().unsqueeze(-2)) @ vecs.transpose(-1, -2)
 
+    def sampled_output_gradient(self, output: Tensor, targets: Any, uniform: Tensor) -> Tensor:
+        """(n, C) random vectors u_i with E[u_i u_iᵀ] = Λ_i, from ``uniform`` (n, C) independent
+        U(0, 1) draws: one backward of Σ u_iᵀ f_i then gives a sampled-Fisher (Monte Carlo GGN)
+        statistic (K-FAC's ``fisher="sampled"``). Generic: u_i = B_iᵀ ε_i with ε_i ~ N(0, I)."""
+        b = self.output_hessian_factor(output, targets)
+        eps = math.sqrt(2.0) * torch.erfinv(2.0 * uniform.clamp(1e-12, 1 - 1e-12) - 1.0)
+        return (b.transpose(-1, -2) @ eps.unsqueeze(-1)).squeeze(-1)
+
     def check_targets(self, targets: Any, output_dim: int) -> None:  # noqa: B027 - optional
         """Raise a clear error for targets the loss cannot take (default: accept)."""
 
@@ -147,6 +156,20 @@ class ClassificationTask(Task):
         p = torch.softmax(output, dim=-1)
         eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
         return p.sqrt().unsqueeze(-1) * (eye - p.unsqueeze(-2))
+
+    def sampled_output_gradient(self, output: Tensor, y: Tensor, uniform: Tensor) -> Tensor:
+        """Cross-entropy: p − e_ŷ, the loss gradient at a label ŷ drawn from the model's
+        predictive p (by inverse CDF of ``uniform[:, 0]``); E[(p − e_ŷ)(p − e_ŷ)ᵀ] =
+        diag(p) − ppᵀ = Λ, the true Fisher."""
+        if type(self).output_hessian_factor is not ClassificationTask.output_hessian_factor or (
+            type(self).output_hessian_vector is not ClassificationTask.output_hessian_vector
+        ) or not self._closed_form():
+            return super().sampled_output_gradient(output, y, uniform)
+        p = torch.softmax(output, dim=-1)
+        cdf = p.cumsum(-1)
+        label = torch.searchsorted(cdf, (uniform[:, :1] * cdf[:, -1:]).contiguous())
+        label = label.clamp_max(p.shape[-1] - 1).squeeze(-1)
+        return p - F.one_hot(label, p.shape[-1]).to(p.dtype)
 
     def check_targets(self, y: Tensor, output_dim: int) -> None:
         """Labels must be integers in [0, C)."""

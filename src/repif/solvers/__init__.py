@@ -1,6 +1,14 @@
 """Inverse-curvature-vector solvers, registered by name."""
 
-from repif.solvers import arnoldi, cg, direct, identity, lissa, woodbury  # noqa: F401  (registration)
+from repif.solvers import (  # noqa: F401  (registration)
+    arnoldi,
+    cg,
+    direct,
+    eigen,
+    identity,
+    lissa,
+    woodbury,
+)
 from repif.solvers.base import REGISTRY, Solver, accepted_options, build
 
 

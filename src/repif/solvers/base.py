@@ -32,6 +32,10 @@ RHS_BLOCK_SIZE = 64
 #: can only come from a numerical breakdown (the margin covers round-off, never a real answer).
 EXPLODE_FACTOR = 10.0
 
+#: Curvature kinds that are positive semi-definite by construction (the GGN and its
+#: Kronecker-factored approximations), for which the length bound below holds.
+PSD_KINDS = frozenset({"ggn", "kfac", "ekfac"})
+
 #: A pivot or eigenvalue of C + λI below this many machine epsilons of the largest makes the
 #: system singular to working precision: its solve would amplify round-off past 1/eps.
 SINGULAR_EPS = 1.0
@@ -126,7 +130,7 @@ class Solver(ABC):
                 f"{int(bad.sum())} of {rows.shape[0]} right-hand sides; {self.fix()}"
             )
         mu = self.damping + getattr(self.operator, "weight_decay", 0.0)
-        if not self.uses_curvature or self.operator.kind != "ggn" or mu <= 0:
+        if not self.uses_curvature or self.operator.kind not in PSD_KINDS or mu <= 0:
             return
         g_norm = g.reshape(rows.shape[0], -1).norm(dim=1)
         ratio = rows.norm(dim=1) / g_norm.clamp_min(torch.finfo(g.dtype).tiny)

@@ -7,8 +7,10 @@ Conventions (used everywhere in repif):
 * Influence of training point z on the loss at test point z_t:
   I(z, z_t) = −∇l(z_t)ᵀ (C + λI)⁻¹ ∇l(z), arranged (n_test, n_train). It estimates the change of
   the test loss per unit of *up-weighting* z, so **negative scores are proponents** (more of z
-  lowers the test loss) and positive scores opponents. Removing z alone changes the test loss by
-  about −I(z, z_t)/n.
+  lowers the test loss) and positive scores opponents. Retraining without z (on the other n − 1
+  points, same recipe) changes the test loss by about −(I(z, z_t) − Ī)/(n − 1), Ī the mean score
+  of z_t over the training set; −I(z, z_t)/n holds only if the others keep weight 1/n and the
+  regulariser stays fixed (docs/design.md, "Maths").
 * ``self_influence(i)`` = I(z_i, z_i) = −∇l_iᵀ(C + λI)⁻¹∇l_i (≤ 0 for PSD curvature; a larger
   magnitude means the point is more self-supporting, e.g. mislabelled or atypical).
 * Data are streamed: training and test data may be ``(x, y)`` tensors or a torch ``Dataset``

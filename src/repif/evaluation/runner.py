@@ -27,10 +27,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from repif import io
+from repif import curvature_kinds, io
 from repif import samplers as _samplers
 from repif import solvers as _solvers
-from repif.curvature import CURVATURES
 from repif.estimator import InfluenceEstimator
 from repif.evaluation import scores
 from repif.evaluation.ground_truth import Job, ModelStore, Recipe, lds_subsets, targets
@@ -96,9 +95,9 @@ def parse_method(spec: str) -> Method:
     body, at, sampler = s.partition("@")
     curvature, colon, solver = body.rpartition(":")
     curvature = curvature if colon else "ggn"
-    if curvature not in CURVATURES:
+    if curvature not in curvature_kinds.names():
         raise ValueError(f"method {spec!r}: unknown curvature {curvature!r}; known: "
-                         f"{', '.join(CURVATURES)} (write e.g. ggn:direct or "
+                         f"{', '.join(curvature_kinds.names())} (write e.g. ggn:direct or "
                          "ggn:woodbury@logit-importance)")
     if solver not in _solvers.names():
         raise ValueError(f"method {spec!r}: unknown solver {solver!r}; known: "

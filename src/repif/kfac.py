@@ -403,15 +403,24 @@ def _corrections(fm: FunctionalModel, layers: list[KroneckerLayer], setup: _Pass
     per-point, per-output-vector gradient matrix; ``bases`` holds (Q_A, Q_G) per layer."""
     out = [torch.zeros(layer.out, layer.d, dtype=fm.dtype, device=fm.device) for layer in layers]
     for chunk in setup.chunks(fm, layers):
-        inputs = {layer.module: _inputs(layer, chunk.acts[layer.module])
-                  for layer in layers if layer.module in chunk.acts}
+        inputs = {}
+        for i, layer in enumerate(layers):
+            if layer.module in chunk.acts:
+                a3 = _inputs(layer, chunk.acts[layer.module])
+                # one position: R = g āᵀ is rank one, so (Q_Gᵀ R Q_A)² = (Q_Gᵀg)²((Q_Aᵀā)²)ᵀ
+                inputs[layer.module] = (a3[:, 0] @ bases[i][0]).square() if a3.shape[1] == 1 \
+                    else a3
         for grads in chunk.passes:
             for i, layer in enumerate(layers):
                 a3 = inputs.get(layer.module)
                 if a3 is None:
                     continue
                 q_a, q_g = bases[i]
-                r = torch.einsum("bto,bti->boi", _grads(layer, grads[layer.module]), a3)
+                g3 = _grads(layer, grads[layer.module])
+                if a3.ndim == 2:  # the rank-one case above: (b, d) squared rotated inputs
+                    out[i] += (g3[:, 0] @ q_g).square().T @ a3
+                    continue
+                r = torch.einsum("bto,bti->boi", g3, a3)
                 rot = torch.matmul(q_g.T, r) @ q_a
                 out[i] += rot.square().sum(0)
     return [distributed.all_reduce_sum(t) for t in out]

@@ -34,7 +34,8 @@ def table(results: dict[str, Any]) -> list[dict[str, Any]]:
         lambda: defaultdict(list))
     for c in results["cells"]:
         groups[(c["method"], c["sample_size"])][float(c["damping"])].append(c)
-    order = {m: i for i, m in enumerate(results["config"]["methods"])}
+    methods = [*results["config"]["methods"], *(c["method"] for c in results["cells"])]
+    order = {m: i for i, m in enumerate(dict.fromkeys(methods))}  # the config's, then the rest
     rows = []
     for (method, size), by_d in sorted(groups.items(),
                                        key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):

@@ -74,7 +74,12 @@ def test_engine_handles_embeddings_layernorm_and_token_dimensions():
     fm = FunctionalModel(model)
     engine = layer_engine(fm, ids[:2], y[:2])
     assert engine is not None
-    assert _rel(engine.gradients(ids, y), per_sample_gradients(fm, ids, y)) <= 1e-10
+    ref = per_sample_gradients(fm, ids, y)
+    assert _rel(engine.gradients(ids, y), ref) <= 1e-10
+    factors = torch.randn(4, fm.space.size, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(2))
+    # Linear layers on token sequences are contracted without per-sample gradients
+    assert _rel(engine.scores(factors, ids, y), factors @ ref.T) <= 1e-10
 
 
 class Shared(nn.Module):

@@ -130,13 +130,47 @@ class LayerGradientEngine:
         return out
 
     def scores(self, factors: Tensor, inputs: Any, targets: Any) -> Tensor:
-        """(k, b) = factors (k, p) · per-sample gradients (b, p)ᵀ, one parameter at a time."""
+        """(k, b) = factors (k, p) · per-sample gradients (b, p)ᵀ, one layer at a time.
+
+        ``nn.Linear`` layers are contracted without forming any per-sample gradient:
+        ⟨V, Σ_t g_t a_tᵀ⟩ = Σ_t g_tᵀ V a_t, one matrix product of the inputs with all k query
+        matrices (the same multiply-adds, none of the b × out × in memory traffic); other
+        layers form their per-parameter gradients and take a product with the factors.
+        """
+        captured = self._capture(inputs, targets, "loss")
         out: Tensor | None = None
-        for off, g in self.layer_gradients(inputs, targets):
-            part = factors[:, off : off + g.shape[1]] @ g.T
+        for block in self.blocks:
+            a, g = captured.pop(block.module)
+            if isinstance(block.module, nn.Linear):
+                part = _linear_scores(block, factors, a, g)
+            else:
+                named = _per_sample(block.module, a, g)
+                part = sum(
+                    factors[:, off : off + size] @ named.pop(name).reshape(a.shape[0], -1).T
+                    for name, off, size in zip(block.names, block.offsets, block.numels,
+                                               strict=True)
+                )
             out = part if out is None else out.add_(part)
         assert out is not None
         return out
+
+
+def _linear_scores(block: LayerBlock, factors: Tensor, a: Tensor, g: Tensor) -> Tensor:
+    """(k, b) scores of an nn.Linear block: Σ_t g_tᵀ V_k a_t (+ Σ_t g_tᵀ v_k for the bias),
+    with a (b, …, in), g (b, …, out) and V_k the weight part of factor row k."""
+    m = block.module
+    b, k = a.shape[0], factors.shape[0]
+    a3, g3 = a.reshape(b, -1, m.in_features), g.reshape(b, -1, m.out_features)
+    out = torch.zeros(k, b, dtype=g.dtype, device=g.device)
+    for name, off, size in zip(block.names, block.offsets, block.numels, strict=True):
+        v = factors[:, off : off + size]
+        if name == "weight":  # (b·T, in) @ (in, k·out) → (b, T, k, out), then · g over out
+            va = a3.reshape(-1, m.in_features) @ v.reshape(k * m.out_features, -1).T
+            va = va.reshape(b, -1, k, m.out_features)
+            out += torch.einsum("btko,bto->kb", va, g3)
+        else:
+            out += v @ g3.sum(1).T
+    return out
 
 
 def _per_sample(m: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:

@@ -44,6 +44,7 @@ DATTRI = {
            "LOO": {"IF explicit": 0.875, "IF CG": 0.881}},
     "mlp": {"LDS": {"IF CG": 0.258, "IF LiSSA": 0.136, "TracIn": 0.145, "TRAK-10": 0.332,
                     "TRAK-50": 0.447}},
+    "loo-lr": {"LOO": {"IF explicit": 0.875, "IF CG": 0.881}},
 }
 
 COMMON = dict(dataset="mnist", data_dir=DATA_DIR, limit_train=5000, limit_test=500, first=True,
@@ -57,11 +58,19 @@ SETTINGS = {
                sizes=[50, 100, 250, 500, 1000], seeds=3, dampings=[0.001, 0.01, 0.1]),
     "mlp": dict(COMMON, model="mlp-784-128-64-10-relu-dropout", hidden=[128, 64], epochs=50,
                 lr=0.01, batch_size=64, momentum=0.9,
-                methods=["grad-dot", "kfac:eigen", "ekfac:eigen", "ekfac:eigen@random",
-                         "ekfac:eigen@logit-importance", "ggn:woodbury@random",
-                         "ggn:woodbury@logit-importance"],
-                sizes=[50, 100, 250], seeds=3, dampings=[0.01, 0.1, 1.0]),
+                methods=["grad-dot", "kfac:eigen", "ekfac:eigen", "ggn:woodbury@random",
+                         "ggn:woodbury@logit-importance", "ekfac:eigen@logit-importance"],
+                sizes=[50, 100, 250], seeds=2, dampings=[0.01, 0.1], dtype="float32"),
 }
+#: Leave-one-out on MNIST-LR: 100 training points drawn at random, each left out in turn.
+SETTINGS["loo-lr"] = dict(SETTINGS["lr"], metric="loo", loo_points=100,
+                          methods=["grad-dot", "ggn:direct", "ggn:woodbury@logit-importance"],
+                          sizes=[500], seeds=3, dampings=[0.01, 0.1])
+
+
+def stem(name: str) -> str:
+    """File stem of a setting's results: lds-mnist-lr, lds-mnist-mlp, loo-mnist-lr."""
+    return "loo-mnist-lr" if name == "loo-lr" else f"lds-mnist-{name}"
 
 
 #: The invocations that produced the committed results, in order (each resumes the same run
@@ -79,7 +88,12 @@ RUNS = {
         "python benchmarks/lds.py lr --methods ggn:woodbury@random,ggn:woodbury@logit-importance"
         " --sizes 1000 --dampings 0.1",
     ],
-    "mlp": [],
+    "mlp": [
+        "python benchmarks/lds.py mlp",
+    ],
+    "loo-lr": [
+        "python benchmarks/lds.py loo-lr",
+    ],
 }
 
 
@@ -116,7 +130,7 @@ def first_mnist() -> tuple[tuple, tuple]:
 
 
 def summarise(name: str, out: Path) -> None:
-    """``lds-mnist-<name>.json`` and ``.md``: repif's rows beside dattri's."""
+    """``<stem>.json`` and ``.md``: repif's rows beside dattri's."""
     results = io.read_json(out / "results.json")
     shown = {**results, "config": {**results["config"],
                                    "methods": SETTINGS[name]["methods"]}}  # a fixed row order
@@ -134,21 +148,24 @@ def summarise(name: str, out: Path) -> None:
                "num_params": results.get("num_params"), "rows": rows,
                "dattri_published": DATTRI[name], "goal_sampled_within_0.01_of_exact": goal,
                "environment": results.get("environment")}
-    io.write_json_atomic(RESULTS / f"lds-mnist-{name}.json", summary)
+    io.write_json_atomic(RESULTS / f"{stem(name)}.json", summary)
+    metric = "LOO" if results["config"]["metric"] == "loo" else "LDS"
     cfg = results["config"]
     tried = sorted({float(c["damping"]) for c in results["cells"] if c["damping"]})
     runs = "\n".join(f"    {cmd}" for cmd in RUNS[name]) or f"    python benchmarks/lds.py {name}"
-    lines = [f"# LDS on MNIST-10 ({name.upper()}), against dattri's published table", "",
+    lines = [f"# {metric} on MNIST-10 ({name.upper()}), against dattri's published table", "",
              "Commands (in order; each resumes the run and adds cells, one torch thread):", "",
              runs, "",
-             f"Run directory `benchmarks/results/lds-mnist-{name}/` (results.json, report.html, "
-             "plots). First 5,000 "
-             "training / 500 test images; ground truth: "
-             f"{cfg['subsets']} random subsets of {gt.get('subset_size')} points, "
-             f"{cfg['gt_seeds']} retraining seed(s); target: test loss; attributed model's "
+             f"Run directory `benchmarks/results/{stem(name)}/` (results.json, report.html, "
+             "plots). First 5,000 training / 500 test images; ground truth: "
+             + (f"{gt.get('loo_points')} training points drawn at random, each left out in "
+                "turn and the model retrained on the other 4,999 with the same recipe and seed"
+                if metric == "LOO" else
+                f"{cfg['subsets']} random subsets of {gt.get('subset_size')} points")
+             + f", {cfg['gt_seeds']} retraining seed(s); target: test loss; attributed model's "
              f"test accuracy {gt.get('attributed_model_test_accuracy', float('nan')):.3f}; "
              f"{results.get('num_params', '?')} parameters. Damping picked per row among those "
-             f"tried for it (of {', '.join(f'{d:g}' for d in tried)}) by its LDS on these "
+             f"tried for it (of {', '.join(f'{d:g}' for d in tried)}) by its {metric} on these "
              "test points (as dattri does). ± is the "
              "standard error over the 500 test points; seed sd the spread over "
              "curvature-sample seeds. Time and peak memory (RSS growth) cover the curvature "
@@ -156,18 +173,33 @@ def summarise(name: str, out: Path) -> None:
              ""]
     rel = gt.get("reliability")
     if rel:
-        lines += [f"Ground truth's own noise: a second retraining seed scores LDS "
+        lines += [f"Ground truth's own noise: a second retraining seed scores {metric} "
                   f"{rel['mean']:.3f} ± {rel['se']:.3f} against the first (a perfect method "
                   f"would reach ≈ {rel['ceiling']:.3f}).", ""]
-    lines += ["| method | m | damping | LDS ± se | seed sd | time s | peak MB |",
-              "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    loo = metric == "LOO"
+    if loo:
+        lines += ["Predicted change when z_j is left out: −(τ_j − τ̄)/(n − 1) (retraining on "
+                  "n − 1 points); the reweighting convention −τ_j/n is shown beside it. LOO = "
+                  "Pearson across left-out points per test point, averaged; pooled r, slope "
+                  "(actual on predicted, 1 = right scale) and median relative error over all "
+                  "(test, point) pairs.", ""]
+    extra = (" pooled r | slope | med. rel. err | slope (−τ/n) | med. rel. err (−τ/n) |"
+             if loo else "")
+    lines += [f"| method | m | damping | {metric} ± se | seed sd |{extra} time s | peak MB |",
+              "| --- | ---: | ---: | --- | ---: |" + (" ---: |" * 5 if loo else "")
+              + " ---: | ---: |"]
+    blank = " |" * 5 if loo else ""
     for r in rows:
+        more = (f" {r['pooled']:.3f} | {r['slope']:.2f} | {r['median_rel_error']:.2f} | "
+                f"{r['slope_reweight']:.2f} | {r['median_rel_error_reweight']:.2f} |"
+                if loo else "")
         lines.append(f"| repif {r['method']} | {r['sample_size'] or 'all'} | {r['damping']:g} "
-                     f"| {r['score']:.3f} ± {r['score_se']:.3f} | {r['score_std']:.3f} | "
+                     f"| {r['score']:.3f} ± {r['score_se']:.3f} | {r['score_std']:.3f} |{more} "
                      f"{r['time_s']:.1f} | {r['peak_mem_bytes'] / 2**20:.0f} |")
-    for metric, vals in DATTRI[name].items():
+    for what, vals in DATTRI[name].items():
         for method, v in vals.items():
-            lines.append(f"| dattri {method} ({metric}) | | | {v:.3f} (published) | | | |")
+            lines.append(f"| dattri {method} ({what}) | | | {v:.3f} (published) | |{blank}"
+                         " | |")
     if name == "lr" and goal:
         ok = [g for g in goal if g["within_0.01"]]
         lines += ["", f"Goal (sampled curvature at m ≤ 500 within 0.01 LDS of repif's exact "
@@ -180,7 +212,8 @@ def summarise(name: str, out: Path) -> None:
             lines += ["", f"Goal (best influence row above dattri's best influence row, 0.258, "
                       f"and at or above TRAK-10, 0.332): repif's best is {best['method']} "
                       f"m={best['sample_size'] or 'all'} at {best['score']:.3f}."]
-    io.write_bytes_atomic(RESULTS / f"lds-mnist-{name}.md", ("\n".join(lines) + "\n").encode)
+    io.write_bytes_atomic(RESULTS / f"{stem(name)}.md", ("\n".join(lines) + "\n").encode)
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summarise", action="store_true", help="only rewrite the summary")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = RESULTS / f"lds-mnist-{args.model}"
+    out = RESULTS / stem(args.model)
     if not args.summarise:
         settings = dict(SETTINGS[args.model])
         if args.methods:

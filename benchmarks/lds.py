@@ -135,6 +135,7 @@ def summarise(name: str, out: Path) -> None:
     shown = {**results, "config": {**results["config"],
                                    "methods": SETTINGS[name]["methods"]}}  # a fixed row order
     rows = table(shown)
+    write_report(shown, out)  # every cell of the run directory, not just the last grid's
     gt = results.get("ground_truth", {})
     exact = [r for r in rows if r["sample_size"] == 0 and r["method"] != "grad-dot"]
     best_exact = max((r["score"] for r in exact), default=float("nan"))
@@ -245,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run = Evaluation(config, out, data=first_mnist(), recipe=mlp_recipe())
         with run.locked():
-            results = run.run()
-            write_report(results, out)
-    summarise(args.model, out)
+            run.run()
+            summarise(args.model, out)
+    else:
+        summarise(args.model, out)
     print(json.dumps([{k: r[k] for k in ("method", "sample_size", "damping", "score")}
                       for r in table(io.read_json(out / "results.json"))], indent=1))
     return 0

@@ -139,8 +139,9 @@ def test_loo_of_exact_influence_on_a_converged_regularised_model(tmp_path, conve
 
 def test_lds_of_exact_influence_on_a_converged_regularised_model(tmp_path, convex):
     res = _run(tmp_path, convex, subsets=12, methods=["hessian:direct", "grad-dot"],
-               test_points=list(range(10)))
+               test_points=list(range(10)), gt_seeds=2)
     assert res["ground_truth"]["subset_size"] == N_TRAIN // 2
+    assert res["ground_truth"]["retrains"] == 1 + 12 * 3  # attributed; 2 seeds + noise seed
     assert res["ground_truth"]["reliability"]["mean"] == pytest.approx(1.0)
     exact = _cells(res)["hessian:direct"]
     assert exact["score"] > 0.85 and len(exact["per_test"]) == 10

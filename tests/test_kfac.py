@@ -539,3 +539,19 @@ def test_two_processes_give_one_process_numbers(tmp_path):
     for key in single:
         assert torch.equal(rank0[key], rank1[key]), key
         assert _rel(rank0[key], single[key]) <= 1e-8, key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kw", [dict(curvature="ekfac", solver="eigen"),
+                                dict(curvature="kfac", solver="eigen",
+                                     kronecker_options={"fisher": "sampled"}),
+                                dict(solver="cg", preconditioner="ekfac", tol=1e-10)])
+def test_cuda_matches_cpu(kw):
+    ds = repif.datasets.load("digits")
+    model = repif.train(repif.models.build("cnn", ds), ds.train, epochs=2, seed=0).double()
+    opts = dict(damping=0.1, sampler="logit-importance", sample_size=64, seed=1, **kw)
+    cpu = repif.InfluenceEstimator(model, ds.train, device="cpu", **opts)
+    gpu = repif.InfluenceEstimator(model, ds.train, device="cuda", **opts)
+    test = (ds.test[0][:5], ds.test[1][:5])
+    assert torch.equal(cpu.subset.indices, gpu.subset.indices)
+    assert _rel(gpu.influence(test).cpu(), cpu.influence(test)) <= 1e-6

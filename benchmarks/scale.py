@@ -164,8 +164,10 @@ def report(rows: list[dict[str, Any]]) -> str:
                          f"{r['ihvp_s']:.1f} s ({max(r['cg_iterations'])} CG steps)")
         if "f1" in r:
             notes.append(f"forget {r['forget']:.3f}, consistency {r['consistency']:.3f}")
-        if "engine" in r:
+        if "engine" in r and not r.get("stopped"):
             notes.append(f"{r['engine']}, {r['wall_s'] / r['n'] * 1e3:.2f} ms/point")
+        if r.get("note"):
+            notes.append(r["note"])
         if "cuda_peak_bytes" in r:
             notes.append(f"CUDA peak {r['cuda_peak_bytes'] / 2**30:.2f} GB")
         out.append(f"| {r['device']} | {r['width']} | {r['num_params']:,} | "
@@ -176,7 +178,7 @@ def report(rows: list[dict[str, Any]]) -> str:
     for dev, width in sorted({(r["device"], r["width"]) for r in rows}):
         inf = [r for r in rows if (r["device"], r["width"], r["step"]) == (dev, width,
                                                                            "influence")]
-        inf = list({r["n"]: r for r in inf}.values())  # one row per size
+        inf = list({r["n"]: r for r in inf if not r.get("stopped")}.values())  # one per size
         k = exponent(inf)
         sizes = ", ".join(f"{r['n']:,}" for r in sorted(inf, key=lambda r: r["n"]))
         out.append(f"* {dev}, width {width}: k = {k:.3f} (n = {sizes})" if k is not None

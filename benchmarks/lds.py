@@ -90,6 +90,7 @@ RUNS = {
     ],
     "mlp": [
         "python benchmarks/lds.py mlp",
+        "python benchmarks/lds.py mlp --dampings 0.001,0.0001",
     ],
     "loo-lr": [
         "python benchmarks/lds.py loo-lr",

@@ -207,7 +207,7 @@ class EvaluationConfig:
         innermost, so drifting machine load hits them alike)."""
         out: list[tuple[str, int, int, float]] = []
         methods = self.parsed_methods()
-        for m in methods:
+        for m in methods:  # no curvature (grad-dot): no damping, no sample to depend on
             if not m.uses_damping:
                 out.append((m.spec, 0, 0, 0.0))
         for d in self.dampings:
@@ -218,9 +218,6 @@ class EvaluationConfig:
                 for d in self.dampings:
                     out += [(m.spec, size, seed, float(d)) for m in methods
                             if m.sampled and m.uses_damping]
-        for m in methods:  # a sampled baseline (no curvature) would not depend on the sample
-            if m.sampled and not m.uses_damping:
-                out.append((m.spec, 0, 0, 0.0))
         return out
 
 

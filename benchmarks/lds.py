@@ -45,6 +45,7 @@ DATTRI = {
     "mlp": {"LDS": {"IF CG": 0.258, "IF LiSSA": 0.136, "TracIn": 0.145, "TRAK-10": 0.332,
                     "TRAK-50": 0.447}},
     "loo-lr": {"LOO": {"IF explicit": 0.875, "IF CG": 0.881}},
+    "loo-mlp": {},
 }
 
 COMMON = dict(dataset="mnist", data_dir=DATA_DIR, limit_train=5000, limit_test=500, first=True,
@@ -62,15 +63,18 @@ SETTINGS = {
                          "ggn:woodbury@logit-importance", "ekfac:eigen@logit-importance"],
                 sizes=[50, 100, 250], seeds=2, dampings=[0.01, 0.1], dtype="float32"),
 }
-#: Leave-one-out on MNIST-LR: 100 training points drawn at random, each left out in turn.
+#: Leave-one-out: 100 training points drawn at random, each left out in turn.
 SETTINGS["loo-lr"] = dict(SETTINGS["lr"], metric="loo", loo_points=100,
                           methods=["grad-dot", "ggn:direct", "ggn:woodbury@logit-importance"],
                           sizes=[500], seeds=3, dampings=[0.01, 0.1])
+SETTINGS["loo-mlp"] = dict(SETTINGS["mlp"], metric="loo", loo_points=100,
+                           methods=["grad-dot", "kfac:eigen", "ggn:woodbury@logit-importance"],
+                           sizes=[250], seeds=1, dampings=[0.01])
 
 
 def stem(name: str) -> str:
-    """File stem of a setting's results: lds-mnist-lr, lds-mnist-mlp, loo-mnist-lr."""
-    return "loo-mnist-lr" if name == "loo-lr" else f"lds-mnist-{name}"
+    """File stem of a setting's results: lds-mnist-lr, lds-mnist-mlp, loo-mnist-lr, …"""
+    return f"loo-mnist-{name[4:]}" if name.startswith("loo-") else f"lds-mnist-{name}"
 
 
 #: The invocations that produced the committed results, in order (each resumes the same run
@@ -91,9 +95,16 @@ RUNS = {
     "mlp": [
         "python benchmarks/lds.py mlp",
         "python benchmarks/lds.py mlp --dampings 0.001,0.0001",
+        "python benchmarks/lds.py mlp --methods kfac:eigen,ekfac:eigen,"
+        "ekfac:eigen@logit-importance --dampings 0.00001,0.000001",
+        "python benchmarks/lds.py mlp --methods ggn:woodbury@logit-importance,"
+        "ekfac:eigen@logit-importance --sizes 500 --dampings 0.01,0.0001",
     ],
     "loo-lr": [
         "python benchmarks/lds.py loo-lr",
+    ],
+    "loo-mlp": [
+        "python benchmarks/lds.py loo-mlp",
     ],
 }
 
@@ -242,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dampings:
             settings["dampings"] = [float(d) for d in args.dampings.split(",")]
         config = EvaluationConfig(**settings)
-        if args.model == "lr":
+        if config.model == "linear":  # repif's built-in recipe
             run = Evaluation(config, out)
         else:
             run = Evaluation(config, out, data=first_mnist(), recipe=mlp_recipe())

@@ -33,6 +33,7 @@ from torch import nn
 
 from repif import datasets, io, training
 from repif.evaluation import Evaluation, EvaluationConfig, Recipe, table, write_report
+from repif.evaluation.report import reliability
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA_DIR = os.environ.get("MNIST_DIR", "/work/data/mnist")
@@ -184,7 +185,7 @@ def summarise(name: str, out: Path) -> None:
              "curvature-sample seeds. Time and peak memory (RSS growth) cover the curvature "
              "fit and all 500 × 5,000 scores, on a shared 2-core CPU with one torch thread.",
              ""]
-    rel = gt.get("reliability")
+    rel = reliability(results)
     if rel:
         lines += [f"Ground truth's own noise: a second retraining seed scores {metric} "
                   f"{rel['mean']:.3f} ± {rel['se']:.3f} against the first (a perfect method "

@@ -24,12 +24,15 @@ from repif.evaluation import (
     EvaluationConfig,
     Recipe,
     evaluate,
+    format_table,
     lds,
     lds_subsets,
     loo_predicted,
     loo_scores,
     parse_method,
     spearman_rows,
+    table,
+    write_report,
 )
 from repif.experiments.study import StudyEnvironmentError
 
@@ -135,6 +138,10 @@ def test_loo_of_exact_influence_on_a_converged_regularised_model(tmp_path, conve
         exact["median_rel_error_reweight"]
     assert _cells(res)["ggn:cg"]["score"] == pytest.approx(exact["score"], abs=1e-6)  # GGN = H
     assert _cells(res)["grad-dot"]["score"] < exact["score"]
+    stored = json.loads((tmp_path / "results.json").read_text())
+    stored["ground_truth"]["reliability"]["ceiling"] = None  # NaN, stored as null
+    assert write_report(stored, tmp_path).is_file()
+    assert "nan" in format_table(table(stored), stored)
 
 
 def test_lds_of_exact_influence_on_a_converged_regularised_model(tmp_path, convex):

@@ -25,6 +25,14 @@ def _mean(values: list[Any]) -> float:
     return fmean(vals) if vals else float("nan")
 
 
+def reliability(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The ground truth's noise entry with missing numbers (stored as null) as NaN."""
+    rel = results.get("ground_truth", {}).get("reliability")
+    if not rel:
+        return None
+    return {k: float("nan") if v is None else v for k, v in rel.items()}
+
+
 def table(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (method, sample size): the damping with the best mean score over seeds
     (chosen on the evaluated test points, as dattri does), with that damping's mean score, its
@@ -76,7 +84,7 @@ def format_table(rows: list[dict[str, Any]], results: dict[str, Any]) -> str:
             + (f"{r.get('pooled', nan):>7.3f}  {r.get('slope', nan):>6.2f}  "
                f"{r.get('median_rel_error', nan):>7.3f}  " if loo else "")
             + f"{r['time_s']:>8.2f}  {r['peak_mem_bytes'] / 2**20:>7.1f}")
-    rel = results.get("ground_truth", {}).get("reliability")
+    rel = reliability(results)
     if rel:
         lines.append(f"ground truth: an independent retraining seed scores {rel['mean']:.3f} ± "
                      f"{rel['se']:.3f} against it (ceiling for a perfect method ≈ "
@@ -107,7 +115,7 @@ def plot(rows: list[dict[str, Any]], results: dict[str, Any], out: Path) -> list
     for i, r in enumerate(flat):
         ax.axhline(r["score"], color=f"C{(len(sampled) + i) % 10}", linestyle=":",
                    label=f"{r['method']} (whole pool)")
-    rel = results.get("ground_truth", {}).get("reliability")
+    rel = reliability(results)
     if rel and math.isfinite(rel.get("ceiling", float("nan"))):
         ax.axhline(rel["ceiling"], color="grey", linestyle="--", label="ground-truth ceiling")
     if sampled:
@@ -151,7 +159,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         + f"<td>{r['time_s']:.2f}</td><td>{r['peak_mem_bytes'] / 2**20:.1f}</td></tr>"
         for r in rows)
     extra = "<th>pooled r</th><th>slope</th><th>median rel. error</th>" if loo else ""
-    rel = gt.get("reliability")
+    rel = reliability(results)
     rel_text = (f"An independent retraining seed (seed {rel['seed']}) scores {rel['mean']:.3f} "
                 f"± {rel['se']:.3f} against the ground truth; a perfect method would reach about "
                 f"{rel['ceiling']:.3f}." if rel else "The ground truth's noise was not measured.")

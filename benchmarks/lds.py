@@ -27,11 +27,12 @@ import math
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from repif import datasets, io, training
+from repif import datasets, io, models, training
 from repif.evaluation import Evaluation, EvaluationConfig, Recipe, table, write_report
 from repif.evaluation.report import reliability
 
@@ -47,7 +48,9 @@ DATTRI = {
                     "TRAK-50": 0.447}},
     "loo-lr": {"LOO": {"IF explicit": 0.875, "IF CG": 0.881}},
     "loo-mlp": {},
+    "loo-lr-stable": {"LOO": {"IF explicit": 0.875, "IF CG": 0.881}},
 }
+DATTRI["lr-stable"] = DATTRI["lr"]
 
 COMMON = dict(dataset="mnist", data_dir=DATA_DIR, limit_train=5000, limit_test=500, first=True,
               metric="lds", target="loss", subsets=50, fraction=0.5, gt_seeds=1, noise=True,
@@ -71,6 +74,13 @@ SETTINGS["loo-lr"] = dict(SETTINGS["lr"], metric="loo", loo_points=100,
 SETTINGS["loo-mlp"] = dict(SETTINGS["mlp"], metric="loo", loo_points=100,
                            methods=["grad-dot", "kfac:eigen", "ggn:woodbury@logit-importance"],
                            sizes=[250], seeds=1, dampings=[0.01])
+
+
+SETTINGS["loo-lr-stable"] = dict(SETTINGS["loo-lr"], model="linear, stable-order SGD")
+SETTINGS["lr-stable"] = dict(SETTINGS["lr"], model="linear, stable-order SGD",
+                             methods=["grad-dot", "ggn:direct", "ggn:woodbury@random",
+                                      "ggn:woodbury@logit-importance"],
+                             sizes=[500, 1000], seeds=2, dampings=[0.03, 0.1])
 
 
 def stem(name: str) -> str:
@@ -107,6 +117,12 @@ RUNS = {
     "loo-mlp": [
         "python benchmarks/lds.py loo-mlp",
     ],
+    "loo-lr-stable": [
+        "python benchmarks/lds.py loo-lr-stable",
+    ],
+    "lr-stable": [
+        "python benchmarks/lds.py lr-stable",
+    ],
 }
 
 
@@ -121,6 +137,37 @@ class DattriMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def stable_lr_recipe(epochs: int = 20, lr: float = 0.01, batch_size: int = 32) -> Recipe:
+    """Logistic regression, plain SGD (dattri's lr, epochs and batch) on a data order that does
+    not depend on which points are present: each epoch sorts the points by a seeded random
+    projection of their pixels, so leaving one point out only shifts the batches after it.
+    ``repif.train`` reshuffles by seed instead, so a leave-one-out retrain sees different
+    batches from the first step on."""
+    shape = SimpleNamespace(input_shape=(1, 28, 28), num_classes=10)
+
+    def build(seed: int) -> nn.Module:
+        return models.build("linear", shape, seed=seed)
+
+    def fit(model: nn.Module, data: tuple, seed: int) -> nn.Module:
+        x, y = data
+        flat = x.flatten(1).double()
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        model.train()
+        for epoch in range(epochs):
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            order = torch.argsort(flat @ torch.randn(flat.shape[1], generator=g,
+                                                     dtype=torch.float64), stable=True)
+            for start in range(0, len(y), batch_size):
+                idx = order[start : start + batch_size]
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+        return model.eval()
+
+    return Recipe.from_functions(build, fit, key={"stable-order-sgd-lr": [epochs, lr, batch_size]},
+                                 weight_decay=0.0)
 
 
 def mlp_recipe() -> Recipe:
@@ -256,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         config = EvaluationConfig(**settings)
         if config.model == "linear":  # repif's built-in recipe
             run = Evaluation(config, out)
+        elif "stable-order" in config.model:
+            run = Evaluation(config, out, data=first_mnist(), recipe=stable_lr_recipe())
         else:
             run = Evaluation(config, out, data=first_mnist(), recipe=mlp_recipe())
         with run.locked():

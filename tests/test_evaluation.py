@@ -4,7 +4,10 @@ The known-answer case is an L2-regularised multinomial logistic regression train
 by full-batch L-BFGS in float64: there the exact-Hessian influence matches leave-one-out
 retraining to first order, so the LOO correlation is ≈ 1, the predicted changes have the right
 scale only under the retraining convention −(τ_j − τ̄)/(n − 1), and the LDS of exact influence is
-high. Retrains take milliseconds, so each test runs in a few seconds.
+high. `test_lds_and_loo_match_an_independent_computation` recomputes repif's LDS and LOO scores
+without repif (influence written out by hand, scipy/numpy correlations), and a ridge regression,
+retrained in closed form, checks both leave-one-out conventions. Retrains take milliseconds, so
+each test runs in a few seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from repif import cli
+from repif import ClassificationTask, InfluenceEstimator, cli
 from repif.evaluation import (
     Evaluation,
     EvaluationConfig,
@@ -29,6 +32,7 @@ from repif.evaluation import (
     lds_subsets,
     loo_predicted,
     loo_scores,
+    orient,
     parse_method,
     spearman_rows,
     table,
@@ -214,8 +218,10 @@ def test_cli_runs_resumes_and_reports(tmp_path, capsys):
 @pytest.mark.parametrize("change, words", [
     ({"fraction": 1.5}, ["fraction must be in (0, 1), got 1.5", "--fraction 0.5"]),
     ({"fraction": 0.0}, ["fraction must be in (0, 1), got 0.0"]),
+    ({"fraction": -0.25}, ["fraction must be in (0, 1), got -0.25"]),
     ({"subsets": 3}, ["at least 10 subsets, got 3", "--subsets 50"]),
     ({"test_points": [0, 20]}, ["test index 20 is outside [0, 20)", "from 0 to 19"]),
+    ({"test_points": [-1, 3]}, ["test index -1 is outside [0, 20)"]),
     ({"methods": ["ggn:bogus"]}, ["unknown solver 'bogus'", "direct", "grad-dot"]),
     ({"methods": ["ggn:cg@bogus"]}, ["unknown sampler 'bogus'", "logit-importance"]),
     ({"metric": "loo", "loo_points": [3, 99]}, ["training index 99 is outside [0, 60)"]),
@@ -225,6 +231,7 @@ def test_bad_input_is_one_clear_error(tmp_path, convex, change, words):
         _run(tmp_path, convex, **{"methods": ["grad-dot"], **change})
     for w in words:
         assert w in str(err.value)
+    assert "\n" not in str(err.value)  # one line
     assert not (tmp_path / "results.json").exists()
 
 
@@ -262,3 +269,138 @@ def test_method_names():
         "ggn", "woodbury", "logit-importance", "auto")
     assert parse_method("direct").curvature == "ggn" and not parse_method("direct").sampled
     assert parse_method("grad-dot").solver == "identity"
+
+
+# --------------------------------------------------------------------------- independent checks
+def _softmax_regression_influence(model: nn.Module, train, test) -> np.ndarray:
+    """I(z_j, z_t) = −∇l_tᵀ H⁻¹ ∇l_j of a linear softmax model, written out by hand in numpy:
+    θ = [W | b] per class, ∇l = (p − e_y) ⊗ x̃, H = mean_i (diag(p_i) − p_i p_iᵀ) ⊗ x̃_i x̃_iᵀ
+    + WD·I (no damping)."""
+    theta = np.hstack([model.weight.detach().numpy(), model.bias.detach().numpy()[:, None]])
+
+    def parts(data):
+        x = np.hstack([data[0].numpy(), np.ones((len(data[1]), 1))])
+        z = x @ theta.T
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        r = p - np.eye(CLASSES)[data[1].numpy()]
+        return x, p, np.einsum("ic,ia->ica", r, x).reshape(len(x), -1)
+
+    x, p, g_tr = parts(train)
+    _, _, g_te = parts(test)
+    h = sum(np.kron(np.diag(pi) - np.outer(pi, pi), np.outer(xi, xi))
+            for xi, pi in zip(x, p, strict=True))
+    h = h / len(x) + WD * np.eye(theta.size)
+    return -g_te @ np.linalg.solve(h, g_tr.T)
+
+
+def _test_loss(model: nn.Module, test) -> np.ndarray:
+    with torch.no_grad():
+        return nn.functional.cross_entropy(model(test[0]), test[1], reduction="none").numpy()
+
+
+def test_lds_and_loo_match_an_independent_computation(tmp_path, convex):
+    """repif's LDS and LOO scores equal the same quantities computed here without repif: the
+    influence written out by hand, the models retrained by the recipe's own functions, and
+    scipy's / numpy's correlations."""
+    train, test = convex
+    n = N_TRAIN
+    full = _fit(_build(0), train, 0)
+    tau = -_softmax_regression_influence(full, train, test)  # positive helps (target −loss)
+
+    res = _run(tmp_path / "lds", convex, subsets=10, methods=["hessian:direct"])
+    masks = lds_subsets(n, 10, 0.5, seed=0)  # the documented subsets: seeds (0, k)
+    f = np.stack([-_test_loss(_fit(_build(0), (train[0][m], train[1][m]), 0), test)
+                  for m in torch.from_numpy(masks)], axis=1)  # (T, S) targets
+    predicted = tau @ masks.T.astype(float)
+    ours = [spearmanr(predicted[t], f[t]).statistic for t in range(N_TEST)]
+    cell = _cells(res)["hessian:direct"]
+    assert cell["score"] == pytest.approx(np.mean(ours), abs=1e-6)
+    np.testing.assert_allclose(cell["per_test"], ours, atol=1e-5)
+
+    points = [0, 7, 13, 21, 34, 40, 52, 59]
+    res = _run(tmp_path / "loo", convex, metric="loo", loo_points=points,
+               methods=["hessian:direct"])
+    base = -_test_loss(full, test)
+    actual = np.stack([-_test_loss(_fit(_build(0), (np.delete(train[0], j, 0),
+                                                    np.delete(train[1], j, 0)), 0), test)
+                       - base for j in points], axis=1)  # (T, k) change of −loss
+    retrain = -(tau[:, points] - tau.mean(1, keepdims=True)) / (n - 1)
+    reweight = -tau[:, points] / n
+    cell = _cells(res)["hessian:direct"]
+    ours = [np.corrcoef(retrain[t], actual[t])[0, 1] for t in range(N_TEST)]
+    assert cell["score"] == pytest.approx(np.mean(ours), abs=1e-6)
+    assert cell["slope"] == pytest.approx((retrain * actual).sum() / (retrain ** 2).sum(),
+                                          rel=1e-6)
+    assert cell["median_rel_error"] == pytest.approx(
+        np.median(np.abs(retrain - actual) / np.abs(actual)), rel=1e-6)
+    assert cell["median_rel_error_reweight"] == pytest.approx(
+        np.median(np.abs(reweight - actual) / np.abs(actual)), rel=1e-6)
+
+
+class _SquaredError(ClassificationTask):
+    """Per-sample 0.5·(f(x) − y)² for a model with one output and float targets."""
+
+    def loss_from_output(self, output, y):
+        return 0.5 * (output.squeeze(-1) - y) ** 2
+
+    def check_targets(self, y, output_dim):
+        pass
+
+
+@pytest.mark.parametrize("wd", [0.1, 0.5])
+def test_loo_conventions_against_closed_form_ridge_retraining(wd):
+    """Ridge regression, mean 0.5(x̃θ − y)² + (wd/2)‖θ‖², retrains in closed form. Leaving z_j
+    out and retraining on the other n − 1 points changes the test loss by ≈ −(I_j − Ī)/(n − 1);
+    −I_j/n describes instead the retrain that keeps the 1/n weights (z_j's set to 0)."""
+    rng = np.random.default_rng(0)
+    n, d, n_test = 100, 3, 10
+    x = rng.normal(size=(n + n_test, d))
+    y = x @ rng.normal(size=d) + 1.0 + 0.5 * rng.normal(size=n + n_test)
+    xa = np.hstack([x, np.ones((n + n_test, 1))])
+    xtr, ytr, xte, yte = xa[:n], y[:n], xa[n:], y[n:]
+
+    def solve(weights):  # argmin Σ w_i 0.5(x̃_iθ − y_i)² + (wd/2)‖θ‖²
+        return np.linalg.solve(xtr.T @ (weights[:, None] * xtr) + wd * np.eye(d + 1),
+                               xtr.T @ (weights * ytr))
+
+    def test_loss(theta):
+        return 0.5 * (xte @ theta - yte) ** 2
+
+    theta = solve(np.full(n, 1 / n))
+    model = nn.Linear(d, 1).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(theta[None, :d]))
+        model.bias.copy_(torch.from_numpy(theta[d:]))
+    est = InfluenceEstimator(model, (torch.from_numpy(x[:n]), torch.from_numpy(ytr)),
+                             curvature="hessian", solver="direct", damping=0.0,
+                             weight_decay=wd, task=_SquaredError())
+    infl = est.influence((torch.from_numpy(x[n:]), torch.from_numpy(yte))).numpy()
+
+    base = test_loss(theta)
+    retrained, reweighted = [], []
+    for j in range(n):
+        keep = np.ones(n, dtype=bool)
+        keep[j] = False
+        retrained.append(test_loss(solve(keep / (n - 1))) - base)
+        reweighted.append(test_loss(solve(keep / n)) - base)
+    retrained, reweighted = np.stack(retrained, 1), np.stack(reweighted, 1)
+
+    everything = np.arange(n)
+    tau = orient(infl, "loss")  # loo_predicted works on attributions of f = −loss
+    pred_retrain = -loo_predicted(tau, everything, "retrain")
+    pred_reweight = -loo_predicted(tau, everything, "reweight")
+    np.testing.assert_allclose(pred_retrain, -(infl - infl.mean(1, keepdims=True)) / (n - 1))
+    np.testing.assert_allclose(pred_reweight, -infl / n)
+
+    def err(pred, actual):
+        return np.median(np.abs(pred - actual) / np.abs(actual))
+
+    # each convention predicts its own retraining to second order...
+    assert err(pred_retrain, retrained) < 0.05 and err(pred_reweight, reweighted) < 0.05
+    # ...and misses the other's by far more (the Ī/(n − 1) term)
+    assert err(pred_reweight, retrained) > 5 * err(pred_retrain, retrained)
+    assert err(pred_retrain, reweighted) > 5 * err(pred_reweight, reweighted)
+    assert np.abs(infl.mean(1)).max() > 0  # weight decay: the mean data gradient is −wd·θ̂
+    slope = (pred_retrain * retrained).sum() / (pred_retrain ** 2).sum()
+    assert 0.95 < slope < 1.1

@@ -38,9 +38,12 @@ def test_removal_scores_hand_computed():
     assert s.accuracy_remaining == pytest.approx(4 / 6)
     # F1 = 2 * 0.75 * 0.5 / 1.25.
     assert s.f1 == pytest.approx(0.6)
+    # The literature's F1 pairs forget with the accuracy: 2 * 0.75 * (4/6) / (0.75 + 4/6).
+    assert s.f1_literature == pytest.approx(2 * 0.75 * (4 / 6) / (0.75 + 4 / 6))
     assert isinstance(s, RemovalScores)
     assert s.as_dict() == {"forget": s.forget, "consistency": s.consistency,
-                           "accuracy_remaining": s.accuracy_remaining, "f1": s.f1}
+                           "accuracy_remaining": s.accuracy_remaining, "f1": s.f1,
+                           "f1_literature": s.f1_literature}
 
 
 def test_removal_scores_perfect_removal():

@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     cr.add_argument("--limit-train", type=int, default=None)
     cr.add_argument("--limit-test", type=int, default=None)
     cr.add_argument("--dtype", default="float64", choices=("float32", "float64"))
+    cr.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    cr.add_argument("--fisher", default=None, choices=("exact", "sampled"),
+                    help="kfac/ekfac: the output Hessian exactly (C backward passes per point, "
+                         "default) or one sampled label per point")
+    cr.add_argument("--other-layers", default=None, choices=("error", "identity", "frozen"),
+                    help="kfac/ekfac: parameters outside Linear/Conv2d layers (e.g. BatchNorm): "
+                         "an error (default), identity curvature, or left unchanged")
     from repif.evaluation.cli import add_parser as add_evaluate
 
     add_evaluate(sub, common)
@@ -98,14 +105,22 @@ def _config(args: argparse.Namespace) -> StudyConfig:
         solver=args.solver, curvature=args.curvature, damping=args.damping, scale=args.scale,
         steps=args.steps, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
         limit_train=args.limit_train, limit_test=args.limit_test, dtype=args.dtype,
-        device=args.device,
+        device=args.device, batch_size=args.batch_size, fisher=args.fisher,
+        other_layers=args.other_layers,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from repif.experiments.report import write_report
     from repif.experiments.study import Study
-    from repif.experiments.summary import aggregate, conclusions, format_table, headline, references
+    from repif.experiments.summary import (
+        aggregate,
+        conclusions,
+        format_table,
+        headline,
+        references,
+        update_cost,
+    )
 
     if args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
@@ -127,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet and distributed.is_main():
         print(format_table(rows, refs))
         print()
-        for line in conclusions(head):
+        for line in conclusions(head, update_cost(rows, refs)):
             print(line)
         print(f"\nresults: {out / 'results.json'}\nreport:  {report}")
     return 0

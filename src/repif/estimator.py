@@ -94,7 +94,8 @@ class InfluenceEstimator:
     ``preconditioner="ekfac"`` solves the exact subset curvature with those factors as the
     preconditioner. ``kronecker_options`` configure either fit: ``fisher`` ("exact" or
     "sampled"), ``other_layers`` ("error", "identity", "frozen") and ``cache_dir`` (see
-    :mod:`repif.curvature_kinds`).
+    :mod:`repif.curvature_kinds`). ``pool_statistics`` (from another estimator's
+    :meth:`pool_statistics`, same model and data) spares the logit/feature samplers their pass.
     """
 
     def __init__(
@@ -121,6 +122,7 @@ class InfluenceEstimator:
         chunk_size: int | None = None,
         sampler_options: dict[str, Any] | None = None,
         kronecker_options: dict[str, Any] | None = None,
+        pool_statistics: tuple[Tensor, Tensor, Tensor] | None = None,
         **solver_options: Any,
     ) -> None:
         kind = curvature_kinds.get(curvature)  # unknown names list the known ones
@@ -177,6 +179,8 @@ class InfluenceEstimator:
                              self.sampler, sample_size, seed, shrinkage, kronecker_options)
         self.fitter = CurvatureFitter(self.fm, self.source, options, self.budget, self.cost,
                                       self.output_dim)
+        if pool_statistics is not None:
+            self.fitter.use_statistics(pool_statistics)
         self._fitted: FittedCurvature | None = None
 
     def _engine(self, per_sample: str) -> LayerGradientEngine | None:
@@ -219,6 +223,13 @@ class InfluenceEstimator:
         """One streaming forward pass → (k, C) logits and (k, d) penultimate features (CPU)."""
         logits, feats, _ = self.fitter.pool_statistics(check_indices(indices, self.n_train))
         return logits, feats
+
+    def pool_statistics(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(n_train, C) logits, (n_train, d) features and (n_train,) targets of every training
+        point (CPU; one streaming forward pass). Pass them as ``pool_statistics=`` to other
+        estimators of the same model, parameters and data, and their logit and feature
+        samplers skip that pass (e.g. one per removed class, sampler or seed)."""
+        return self.fitter.pool_statistics(torch.arange(self.n_train))
 
     def fit(self, pool: Tensor | None = None) -> InfluenceEstimator:
         """Draw the curvature subset from ``pool`` (training indices) and prepare the solver."""

@@ -71,6 +71,29 @@ class CurvatureFitter:
     ) -> None:
         self.fm, self.source, self.options = fm, source, options
         self.budget, self.cost, self.output_dim = budget, cost, output_dim
+        #: Precomputed (n_train, C) logits, (n_train, d) features and (n_train,) targets of every
+        #: training point at the trained parameters (see :meth:`use_statistics`), or None.
+        self.statistics: tuple[Tensor, Tensor, Tensor] | None = None
+        #: Whether a draw has read the pool statistics (a sampler that needs them).
+        self.statistics_used = False
+
+    def use_statistics(self, statistics: tuple[Tensor, Tensor, Tensor]) -> None:
+        """Serve later pool statistics from ``statistics`` (logits, features, targets of all
+        ``n_train`` points, in training order, at the parameters this fitter was built with:
+        what :meth:`pool_statistics` of all points returns) instead of a pass over the data."""
+        if not (isinstance(statistics, (tuple, list)) and len(statistics) == 3
+                and all(isinstance(t, Tensor) for t in statistics)):
+            raise ValueError("pool_statistics must be a (logits, features, targets) tuple of "
+                             "tensors, as estimator.pool_statistics() returns")
+        logits, feats, targets = statistics
+        rows = {int(t.shape[0]) if t.dim() else -1 for t in statistics}
+        if rows != {self.n_train} or logits.dim() != 2 or logits.shape[1] != self.output_dim:
+            raise ValueError(
+                f"pool_statistics must hold one row per training point: expected ({self.n_train}, "
+                f"{self.output_dim}) logits and {self.n_train} rows of features and targets, got "
+                f"shapes {[tuple(t.shape) for t in statistics]}"
+            )
+        self.statistics = (logits.cpu(), feats.cpu(), targets.cpu())
 
     @property
     def task(self) -> Task:
@@ -102,6 +125,11 @@ class CurvatureFitter:
     def pool_statistics(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One streaming forward pass → (k, C) logits, (k, d) penultimate features and (k,)
         targets, on the CPU, in the order of ``indices``."""
+        if self.statistics is not None:
+            self.statistics_used = True
+            idx = indices.cpu()
+            return tuple(t[idx] for t in self.statistics)
+        self.statistics_used = True
         rows = self.budget.rows(self.cost.forward_row())
         if not distributed.is_distributed():
             return self._pool_pass(indices, rows)

@@ -11,12 +11,19 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class RemovalScores:
-    """forget, consistency, accuracy on the other classes, and their F1 (all in [0, 1])."""
+    """forget, consistency, accuracy on the other classes, and two F1s (all in [0, 1]).
+
+    ``f1`` is repif's: forget against consistency with the original model's predictions.
+    ``f1_literature`` is the class-removal literature's: forget against the plain accuracy on
+    the other classes (their true labels), so it also rewards or penalises how right the
+    original model was (docs/design.md, "Protocol").
+    """
 
     forget: float
     consistency: float
     accuracy_remaining: float
     f1: float
+    f1_literature: float
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -50,7 +57,8 @@ def removal_scores(
     other = ~target
     consistency = float((new_pred[other] == original_pred[other]).double().mean())
     accuracy = float((new_pred[other] == labels[other]).double().mean())
-    return RemovalScores(forget, consistency, accuracy, f1_score(forget, consistency))
+    return RemovalScores(forget, consistency, accuracy, f1_score(forget, consistency),
+                         f1_score(forget, accuracy))
 
 
 def relative_error(estimate: Tensor, reference: Tensor) -> float:

@@ -9,8 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from repif import samplers, solvers
-from repif.curvature import CURVATURES
+from repif import curvature_kinds, kfac, samplers, solvers
 
 #: Suffix on a sampler name that turns on the diagonal shrinkage fill (``shrinkage="auto"``).
 SHRINK_SUFFIX = "+shrink"
@@ -49,6 +48,15 @@ class StudyConfig:
     validation_fraction: float = 0.1
     dtype: str = "float64"
     device: str = "cpu"
+    #: Options of a Kronecker-factored curvature ("kfac"/"ekfac"; repif.curvature_kinds.KFAC):
+    #: None keeps the library's default ("exact" output Hessian; other layers an error).
+    fisher: str | None = None
+    other_layers: str | None = None
+
+    def kronecker_options(self) -> dict[str, str]:
+        """The estimator's ``kronecker_options`` for this configuration (empty: defaults)."""
+        return {k: v for k, v in (("fisher", self.fisher), ("other_layers", self.other_layers))
+                if v is not None}
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and the fix."""
@@ -67,9 +75,24 @@ class StudyConfig:
             samplers.REGISTRY.get(s.removesuffix(SHRINK_SUFFIX))
         _once(self.samplers, "--samplers", "sampler")
         solvers.REGISTRY.get(self.solver)
-        if self.curvature not in CURVATURES:
-            known = ", ".join(CURVATURES)
+        if self.curvature not in curvature_kinds.names():
+            known = ", ".join(curvature_kinds.names())
             raise ValueError(f"unknown curvature {self.curvature!r}; known: {known}")
+        kronecker = curvature_kinds.get(self.curvature).kronecker
+        if kronecker != (self.solver == "eigen"):
+            raise ValueError(
+                f"--curvature {self.curvature} cannot be solved by --solver {self.solver}: "
+                "kfac/ekfac take --solver eigen, and eigen takes only --curvature kfac or ekfac"
+            )
+        if (self.fisher is not None or self.other_layers is not None) and not kronecker:
+            raise ValueError("--fisher and --other-layers configure --curvature kfac/ekfac; "
+                             f"leave them out with --curvature {self.curvature}")
+        if self.fisher is not None and self.fisher not in kfac.FISHER_MODES:
+            raise ValueError(f"--fisher must be one of {', '.join(kfac.FISHER_MODES)}, got "
+                             f"{self.fisher!r}")
+        if self.other_layers is not None and self.other_layers not in kfac.OTHER_LAYERS:
+            raise ValueError(f"--other-layers must be one of {', '.join(kfac.OTHER_LAYERS)}, "
+                             f"got {self.other_layers!r}")
         if self.width is not None and (not _is_int(self.width) or self.width < 1):
             raise ValueError(
                 f"width must be a positive integer, got {self.width!r}; pass e.g. --width 16, or "
@@ -115,8 +138,9 @@ class StudyConfig:
     def cell_hash(self) -> str:
         """Hash of the fields that change a cell's numbers; cells are reused only if it matches."""
         d = {k: v for k, v in self.to_dict().items() if k not in _GRID_FIELDS}
-        if d["width"] is None:  # leave it out, so results written before ``width`` existed resume
-            del d["width"]
+        for key in ("width", "fisher", "other_layers"):  # left out when unset, so results
+            if d[key] is None:                           # written before they existed resume
+                del d[key]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -18,8 +18,8 @@ BASELINE = "random"
 #: a few hundred, far below the seed-to-seed spread of any sampler.
 MATCH_TOLERANCE = 0.005
 
-_METRICS = ("f1", "forget", "consistency", "accuracy_remaining", "ihvp_rel_error",
-            "ihvp_cosine", "time_s", "peak_mem_bytes")
+_METRICS = ("f1", "f1_literature", "forget", "consistency", "accuracy_remaining",
+            "ihvp_rel_error", "ihvp_cosine", "time_s", "peak_mem_bytes")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -59,10 +59,25 @@ def references(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     for kind in ("full", "retrain"):
         refs = [r for r in results["references"] if r["kind"] == kind]
         if refs:
-            out[kind] = {k: _mean_std([r[k] for r in refs])[0]
-                         for k in ("f1", "forget", "consistency", "accuracy_remaining", "time_s",
-                                   "peak_mem_bytes")}
+            out[kind] = {k: _mean_std([r.get(k) for r in refs])[0]
+                         for k in ("f1", "f1_literature", "forget", "consistency",
+                                   "accuracy_remaining", "time_s", "peak_mem_bytes")}
     return out
+
+
+def update_cost(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]]
+                ) -> dict[str, float]:
+    """The influence updates' mean time and peak memory over all cells, each as a fraction of
+    retraining from scratch (the reference the update replaces); empty without a retrain."""
+    retrain = refs.get("retrain")
+    if not retrain or not rows:
+        return {}
+    time_s = fmean(r["time_s"] for r in rows)
+    mem = fmean(r["peak_mem_bytes"] for r in rows)
+    return {"update_time_s": time_s, "retrain_time_s": retrain["time_s"],
+            "time_ratio": time_s / retrain["time_s"],
+            "update_peak_mem_bytes": mem, "retrain_peak_mem_bytes": retrain["peak_mem_bytes"],
+            "memory_ratio": mem / max(retrain["peak_mem_bytes"], 1)}
 
 
 def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -115,20 +130,22 @@ def _fmt(mean: float, std: float, digits: int = 3) -> str:
 
 def format_table(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]]) -> str:
     """A fixed-width text table (mean ± std per sampler and size) followed by the references."""
-    head = (f"{'sampler':<26}{'m':>5}  {'F1':>15}  {'forget':>7}  {'consist':>7}  "
-            f"{'ihvp err':>15}  {'spread':>7}  {'time s':>8}  {'mem MB':>7}")
+    head = (f"{'sampler':<26}{'m':>5}  {'F1':>15}  {'F1 lit':>7}  {'forget':>7}  "
+            f"{'consist':>7}  {'ihvp err':>15}  {'spread':>7}  {'time s':>8}  {'mem MB':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         spread = r.get("seed_spread", float("nan"))
         lines.append(
             f"{r['sampler']:<26}{r['sample_size']:>5}  {_fmt(r['f1'], r['f1_std']):>15}  "
+            f"{r.get('f1_literature', float('nan')):>7.3f}  "
             f"{r['forget']:>7.3f}  {r['consistency']:>7.3f}  "
             f"{_fmt(r['ihvp_rel_error'], r['ihvp_rel_error_std']):>15}  {spread:>7.4f}  "
             f"{r['time_s']:>8.3f}  {r['peak_mem_bytes'] / 2**20:>7.1f}"
         )
     for kind, r in refs.items():
         name = {"full": "reference: full pool", "retrain": "reference: retrain"}[kind]
-        lines.append(f"{name:<26}{'':>5}  {r['f1']:>15.3f}  {r['forget']:>7.3f}  "
+        lines.append(f"{name:<26}{'':>5}  {r['f1']:>15.3f}  "
+                     f"{r.get('f1_literature', float('nan')):>7.3f}  {r['forget']:>7.3f}  "
                      f"{r['consistency']:>7.3f}  {'':>15}  {'':>7}  {r['time_s']:>8.3f}  "
                      f"{r['peak_mem_bytes'] / 2**20:>7.1f}")
     return "\n".join(lines)
@@ -139,10 +156,18 @@ def _saving(fraction: float, what: str) -> str:
     return f"{100 * abs(fraction):.1f}% {'less' if fraction >= 0 else 'more'} {what}"
 
 
-def conclusions(head: dict[str, Any]) -> list[str]:
-    """One plain sentence each for time, memory and F1."""
+def conclusions(head: dict[str, Any], cost: dict[str, float] | None = None) -> list[str]:
+    """One plain sentence each for time, memory and F1 (and, given :func:`update_cost`, the
+    update against retraining)."""
+    lines = []
+    if cost:
+        lines.append(
+            f"Against retraining: an update took {cost['update_time_s']:.1f} s on average, "
+            f"{100 * cost['time_ratio']:.1f}% of the retrain's {cost['retrain_time_s']:.1f} s, "
+            f"with {100 * cost['memory_ratio']:.0f}% of its peak memory."
+        )
     if not head:
-        return ["No 'random' baseline was run, so nothing is compared against it."]
+        return ["No 'random' baseline was run, so nothing is compared against it.", *lines]
     m_max, f1_max = head["random_max_size"], head["random_f1_at_max"]
     if head["match"]:
         best_t = max(head["match"].items(), key=lambda kv: kv[1]["time_saved"])
@@ -170,4 +195,4 @@ def conclusions(head: dict[str, Any]) -> list[str]:
     else:
         err_s = (f"Faithfulness: no smart sampler reaches random's inverse-HVP error at "
                  f"m={m_max} with fewer samples.")
-    return [time_s, mem_s, f1_s, err_s]
+    return [time_s, mem_s, f1_s, err_s, *lines]

@@ -95,6 +95,9 @@ class Sampler(ABC):
     """Chooses ``m`` pool members and weights; subclasses set ``name`` to register."""
 
     name: ClassVar[str | None] = None
+    #: Whether ``select`` reads the pool's logits or features (one forward pass over the pool);
+    #: False for samplers that need at most the labels.
+    uses_statistics: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

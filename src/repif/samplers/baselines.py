@@ -11,6 +11,7 @@ class RandomSampler(Sampler):
     """Uniform without replacement, equal weights: the usual (and the paper's) baseline."""
 
     name = "random"
+    uses_statistics = False
 
     def _select(self, pool: Pool, m: int, rng: np.random.Generator):
         return rng.choice(len(pool), size=m, replace=False), np.ones(m)
@@ -24,6 +25,7 @@ class StratifiedSampler(Sampler):
     """
 
     name = "stratified"
+    uses_statistics = False
 
     def _select(self, pool: Pool, m: int, rng: np.random.Generator):
         return stratified_draw(pool.labels.cpu().numpy(), m, rng)

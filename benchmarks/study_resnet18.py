@@ -1,0 +1,150 @@
+"""The class-removal study at the size the published claim was made: ResNet-18 on full MNIST.
+
+    python benchmarks/study_resnet18.py cpu  --data-dir DIR     # width 16, the grid this CPU runs
+    python benchmarks/study_resnet18.py cuda --data-dir DIR     # full width (11.2M), full grid
+    python benchmarks/study_resnet18.py cpu  --summarise        # only rewrite the summary
+
+Each profile is one ``repif class-removal`` run (printed before it starts; it resumes after an
+interrupt) into ``benchmarks/results/study-mnist-resnet18[-cuda]/`` (results.json, report.html,
+plots; the trained models and estimates are not committed). The summary beside the published
+figures goes to ``benchmarks/results/study-mnist-resnet18[-cuda].md`` after every run.
+
+Set-up shared by both profiles (docs/design.md, "Protocol"): the 60,000 training images less a
+stratified 10% validation split on which the step size η is picked (the literature picked it on
+the test F1), the 10,000 test images, classes 0 and 3 removed in turn; Adam (lr 1e-3, batch 128,
+weight decay 5e-4 as L2 in the loss, which the curvature includes), float32; K-FAC fitted on the
+sampled subset with the sampler's weights (one sampled label per point; BatchNorm's parameters
+left unchanged by the update), inverted in its eigenbasis. The full-pool reference is the same
+K-FAC on every remaining point (so the inverse-HVP error measures sampling alone); the retrain
+reference trains from scratch on the remaining points with the same recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+#: The published claim (class removal, smart sampler against random).
+PUBLISHED = {"time_saved": 0.301, "memory_saved": 0.422, "f1_gain": 0.025}
+
+#: Arguments every profile shares (see the module doc for the reasons).
+COMMON = [
+    "--dataset", "mnist", "--model", "resnet18", "--batch-size", "128", "--lr", "1e-3",
+    "--weight-decay", "5e-4", "--dtype", "float32", "--curvature", "kfac", "--solver", "eigen",
+    "--fisher", "sampled", "--other-layers", "frozen", "--damping", "0.01", "--remove", "0,3",
+    "--samplers", "random,stratified,feature-kmeans,feature-herding,logit-stratified,"
+    "logit-importance",
+]
+
+#: cpu: width 16 (701k parameters), 2 epochs, three sizes and three seeds — what a 2-core CPU
+#: runs in about an hour and a half per removed class; cuda: the full-width model and grid.
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {"out": "study-mnist-resnet18",
+            "args": ["--width", "16", "--epochs", "2", "--sizes", "64,256,1024", "--seeds", "3",
+                     "--device", "cpu", "--threads", "1"]},
+    "cuda": {"out": "study-mnist-resnet18-cuda",
+             "args": ["--width", "64", "--epochs", "5", "--sizes", "64,128,256,512,1024,2048,4096",
+                      "--seeds", "5", "--device", "cuda"]},
+}
+
+
+def command(profile: str, data_dir: str) -> list[str]:
+    p = PROFILES[profile]
+    return [sys.executable, "-m", "repif", "class-removal", *COMMON, *p["args"],
+            "--data-dir", data_dir, "--out", str(RESULTS / p["out"])]
+
+
+def _pct(v: float) -> str:
+    return "—" if v is None or math.isnan(v) else f"{100 * v:.1f}%"
+
+
+def summarise(profile: str) -> Path:
+    """Rewrite ``<out>.md`` from ``<out>/results.json``: the table with both F1s, the
+    references, the headline against random beside the published figures, update ÷ retrain."""
+    from repif import io
+    from repif.experiments.summary import aggregate, conclusions, headline, references, update_cost
+
+    out = RESULTS / PROFILES[profile]["out"]
+    results = io.read_json(out / "results.json")
+    rows = aggregate(results)
+    refs = references(results)
+    head = headline(rows)
+    cost = update_cost(rows, refs)
+    cfg = results["config"]
+    seeds_done = {(c["removed_class"], c["sampler"], c["sample_size"]) for c in results["cells"]}
+    lines = [
+        f"# Class removal on MNIST with ResNet-18 ({profile})", "",
+        f"Reproduce: `python benchmarks/study_resnet18.py {profile} --data-dir DIR`, which runs "
+        "`" + " ".join(["python", *command(profile, "DIR")[1:]]).replace(
+            str(RESULTS), "benchmarks/results") + "`", "",
+        f"{results.get('num_params', '?')} parameters (width {cfg['width']}); removed classes "
+        f"{sorted({c['removed_class'] for c in results['cells']})} of {cfg['remove']}; "
+        f"{len(results['cells'])} cells over {len(seeds_done)} (class, sampler, m) points; "
+        f"curvature {cfg['curvature']} ({cfg.get('fisher') or 'exact'} output Hessian), "
+        f"damping {cfg['damping']}, solver {cfg['solver']}, η picked on the validation split. "
+        "Mean ± std over removed classes and seeds. F1 = forget vs consistency with the original "
+        "model; F1 lit. = forget vs accuracy on the other classes (the literature's). Time and "
+        "memory: one update (sampling, with the logit/feature pass charged in full to the "
+        "samplers that read it, the curvature fit, the solve and the step); memory is RSS growth "
+        "(CPU) or allocated-memory growth (CUDA).", "",
+        "| sampler | m | n | F1 | F1 lit. | forget | consistency | inverse-HVP rel. error | "
+        "time s | peak MB |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['sampler']} | {r['sample_size']} | {r['n']} | {r['f1']:.3f} ± "
+            f"{r['f1_std']:.3f} | {r['f1_literature']:.3f} | {r['forget']:.3f} | "
+            f"{r['consistency']:.3f} | {r['ihvp_rel_error']:.3f} ± {r['ihvp_rel_error_std']:.3f}"
+            f" | {r['time_s']:.1f} | {r['peak_mem_bytes'] / 2**20:.0f} |")
+    for kind, r in refs.items():
+        name = {"full": f"reference: {cfg['curvature']} on the whole pool",
+                "retrain": "reference: retrain"}
+        lines.append(f"| {name.get(kind, kind)} | | | {r['f1']:.3f} | {r['f1_literature']:.3f} "
+                     f"| {r['forget']:.3f} | {r['consistency']:.3f} | | {r['time_s']:.1f} | "
+                     f"{r['peak_mem_bytes'] / 2**20:.0f} |")
+    lines += ["", "## Against random, beside the published claim", ""]
+    lines += [f"* {s}" for s in conclusions(head, cost)]
+    if head:
+        best_t = max((v["time_saved"] for v in head["match"].values()), default=float("nan"))
+        best_m = max((v["memory_saved"] for v in head["match"].values()), default=float("nan"))
+        best_g = max((v["mean_f1_gain"] for v in head["gain"].values()), default=float("nan"))
+        lines += ["", "| | best smart sampler here | published |", "| --- | ---: | ---: |",
+                  f"| time saved at random's best F1 | {_pct(best_t)} | "
+                  f"{_pct(PUBLISHED['time_saved'])} |",
+                  f"| memory saved at random's best F1 | {_pct(best_m)} | "
+                  f"{_pct(PUBLISHED['memory_saved'])} |",
+                  f"| F1 gain at equal m (random below its plateau) | "
+                  f"{'—' if math.isnan(best_g) else f'{100 * best_g:+.1f} points'} | "
+                  f"+{100 * PUBLISHED['f1_gain']:.1f} points |"]
+    path = out.with_suffix(".md")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("profile", choices=sorted(PROFILES))
+    p.add_argument("--data-dir", default=os.environ.get("MNIST_DIR", "data/mnist"))
+    p.add_argument("--summarise", action="store_true", help="only rewrite the summary")
+    args = p.parse_args()
+    if not args.summarise:
+        cmd = command(args.profile, args.data_dir)
+        print(" ".join(cmd), flush=True)
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            return rc
+    print(summarise(args.profile))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

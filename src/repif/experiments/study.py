@@ -346,7 +346,7 @@ class Study:
     def _retrain(self, cls: int, rest: Tensor) -> dict[str, Any]:
         c = self.config
         fresh = models.build(c.model, self.dataset, seed=c.train_seed, width=c.width)
-        with measure("cpu") as m:
+        with measure(self.device) as m:
             model = train(
                 fresh, (self.train_x[rest], self.train_y[rest]), epochs=c.epochs,
                 batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,

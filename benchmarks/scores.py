@@ -12,7 +12,10 @@ For each model, on the first n MNIST training images, in one process and one run
 * ``func``: the same with ``torch.func.vmap(grad)`` on the first ``FUNC_POINTS`` points,
   reported per point and as the ratio it would have over n;
 * ``influence-k``: ``influence`` of k = 1, 10, 100 test points against the n points (identity
-  solver, so the row measures the score pass: test gradients plus the streamed contraction).
+  solver, so the row measures the score pass: test gradients plus the streamed contraction),
+  with the hook engine's default per-layer choice of route for convolutions and, just before
+  it in the same run, with every convolution materialised (the route before convolutions were
+  contracted; ``conv_scores="materialise"``), so the two compare under the same load.
 
 Ratios are time / pass time. ``resnet18-64`` uses ``--n-wide`` points (the ratios do not depend
 on n; 10,000 points at 11.2M parameters take hours on 2 CPU cores). Models come from the cache
@@ -67,6 +70,7 @@ def measure(name: str, data_dir: str, n: int) -> dict[str, Any]:
     import repif
     from repif import datasets
     from repif.gradients import per_sample_gradients, split_batch, stream_gradients
+    from repif.layer_gradients import conv_route
 
     ds = datasets.load("mnist", data_dir=data_dir)
     model = build(name, data_dir).eval()
@@ -96,14 +100,37 @@ def measure(name: str, data_dir: str, n: int) -> dict[str, Any]:
     row["pass_s"] = timed(one_pass)
     row["hooks_s"] = timed(hooks)
     row["func_per_point_s"] = timed(func) / FUNC_POINTS
+    engine = est.cost.engine
+    convs = conv_positions(model, x[:1])
     for k in QUERY_COUNTS:
         test = (ds.test[0][:k], ds.test[1][:k])
+        if convs:
+            engine.conv_scores = "materialise"
+            row[f"influence_{k}_materialised_s"] = timed(lambda test=test: est.influence(test))
+            engine.conv_scores = "auto"
+            row[f"contracted_convs_{k}"] = sum(conv_route(m, pos, k) == "contract"
+                                               for m, pos in convs.items())
         row[f"influence_{k}_s"] = timed(lambda test=test: est.influence(test))
+    row["conv_layers"] = len(convs)
     row["hooks_ratio"] = row["hooks_s"] / row["pass_s"]
     row["func_ratio"] = row["func_per_point_s"] * n / row["pass_s"]
     for k in QUERY_COUNTS:
-        row[f"influence_{k}_ratio"] = row[f"influence_{k}_s"] / row["pass_s"]
+        for key in (f"influence_{k}", f"influence_{k}_materialised"):
+            if f"{key}_s" in row:
+                row[f"{key}_ratio"] = row[f"{key}_s"] / row["pass_s"]
     return row
+
+
+def conv_positions(model: torch.nn.Module, x: torch.Tensor) -> dict[torch.nn.Module, int]:
+    """Output positions per point of each nn.Conv2d, from one forward."""
+    out: dict[torch.nn.Module, int] = {}
+    handles = [m.register_forward_hook(lambda m, _i, o: out.__setitem__(m, o[0, 0].numel()))
+               for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return out
 
 
 def report(rows: list[dict[str, Any]]) -> str:
@@ -120,6 +147,23 @@ def report(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['model']} | {r['num_params']:,} | {r['n']:,} | {r['pass_s']:.1f} | "
                      f"{r['hooks_s']:.1f} ({r['hooks_ratio']:.2f}×) | {r['func_ratio']:.2f}× | "
                      f"{inf} |")
+    routed = [r for r in rows if "influence_1_materialised_s" in r]
+    if routed:
+        lines += ["", "Convolutions contracted with the queries (default) against every "
+                  "convolution materialised (the earlier route), measured back to back in the "
+                  "same run; ratios to that run's pass. With 0 layers contracted both columns "
+                  "run the same code, so their gap is the run's noise. Ratios do not depend on n "
+                  "except through the k query gradients, a fixed cost spread over the n points.",
+                  "",
+                  "| model | n | queries | conv layers contracted | materialised s (×) | "
+                  "default s (×) |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in routed:
+            for k in QUERY_COUNTS:
+                lines.append(
+                    f"| {r['model']} | {r['n']:,} | {k} | {r[f'contracted_convs_{k}']} of "
+                    f"{r['conv_layers']} | {r[f'influence_{k}_materialised_s']:.1f} "
+                    f"({r[f'influence_{k}_materialised_ratio']:.2f}×) | "
+                    f"{r[f'influence_{k}_s']:.1f} ({r[f'influence_{k}_ratio']:.2f}×) |")
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +175,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--n-wide", type=int, default=2_000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--replace", action="store_true",
+                    help="measure the listed models again, replacing their rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -138,12 +184,12 @@ def main() -> None:
 
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     for name in args.models.split(","):
-        if any(r["model"] == name for r in rows):
+        if any(r["model"] == name for r in rows) and not args.replace:
             continue
         n = args.n_wide if name.endswith("-64") else args.n
         row = {**measure(name, args.data_dir, n), "threads": args.threads}
         print(json.dumps(row), flush=True)
-        rows.append(row)
+        rows = [r for r in rows if r["model"] != name] + [row]
         io.write_json_atomic(RESULTS, rows)
         REPORT.write_text(report(rows))
 

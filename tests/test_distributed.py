@@ -207,3 +207,39 @@ def test_torchrun_class_removal_writes_the_same_results(tmp_path):
                 else:
                     assert rb[k] == ra[k], (rows, k)
     assert not list(tmp_path.glob("two/.repif.lock*"))  # rank 0's lock released
+
+
+def test_torchrun_evaluate_spreads_retraining_and_writes_the_same_results(tmp_path):
+    """``torchrun --nproc_per_node=2 -m repif evaluate …``: the ranks share the retraining
+    (each trains about half, and rank 0 ends up holding every model), and results.json has one
+    process's scores. A second run trains nothing."""
+    args = ["evaluate", "--dataset", "digits", "--model", "linear", "--limit-train", "120",
+            "--limit-test", "12", "--epochs", "2", "--subsets", "10", "--methods",
+            "ggn:direct,ggn:cg@logit-importance,grad-dot", "--sizes", "30", "--seeds", "1",
+            "--quiet"]
+    one = _launch(["-m", "repif", *args, "--out", str(tmp_path / "one")], 1, tmp_path)
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}", "-m", "repif", *args,
+                "--out", str(tmp_path / "two")]
+    for code, err in _wait(one + _launch(torchrun, 1, tmp_path), LAUNCH_TIMEOUT_S):
+        assert code == 0, err[-3000:]
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    jobs = 1 + 10 * 2  # the attributed model, 10 subsets × (1 ground-truth seed + 1 noise seed)
+    assert a["ground_truth"]["trained_now"] == b["ground_truth"]["trained_now"] == jobs
+    models = {p.name for p in (tmp_path / "one" / "ground-truth").rglob("*.safetensors")}
+    assert len(models) == jobs
+    assert {p.name for p in (tmp_path / "two" / "ground-truth").rglob("*.safetensors")} == models
+    assert a["config_hash"] == b["config_hash"]
+    assert b["ground_truth"]["reliability"]["mean"] == pytest.approx(
+        a["ground_truth"]["reliability"]["mean"], rel=REL_TOL)
+    cells = {(c["method"], c["sample_size"], c["seed"], c["damping"]): c for c in a["cells"]}
+    assert len(b["cells"]) == len(cells) > 0
+    for c in b["cells"]:
+        ref = cells[(c["method"], c["sample_size"], c["seed"], c["damping"])]
+        assert c["score"] == pytest.approx(ref["score"], rel=REL_TOL, abs=1e-9)
+        assert c["per_test"] == pytest.approx(ref["per_test"], rel=REL_TOL, abs=1e-9)
+    again = _launch(torchrun[:4] + [f"--master_port={_free_port()}"] + torchrun[5:], 1, tmp_path)
+    for code, err in _wait(again, LAUNCH_TIMEOUT_S):
+        assert code == 0, err[-3000:]
+    b2 = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert b2["ground_truth"]["trained_now"] == 0

@@ -388,7 +388,7 @@ def run_launched(main: Callable[[], int]) -> int:
 # --------------------------------------------------------------------------- output
 #: Files rank 0 sends to the other ranks' private output folders so that every rank resumes
 #: the same way: results (and their backups), stored estimates and cached models.
-MIRRORED = ("results*.json", "vectors/**/*", "cache/**/*")
+MIRRORED = ("results*.json", "vectors/**/*", "cache/**/*", "ground-truth/**/*")
 
 
 def output_dir(out: Path) -> Path:

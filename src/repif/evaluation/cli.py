@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from repif import distributed
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -96,11 +98,12 @@ def run(args: argparse.Namespace, out: Path) -> int:
         loo_points=args.loo_indices if args.loo_indices is not None else args.loo_points,
         test_points=args.test_points, methods=args.methods, sizes=args.sizes,
         seeds=args.seeds, dampings=args.dampings, dtype=args.dtype, device=args.device)
-    evaluation = Evaluation(config, out, progress=not args.quiet)
+    out = distributed.output_dir(out)  # under torchrun only rank 0 writes to --out
+    evaluation = Evaluation(config, out, progress=not args.quiet and distributed.is_main())
     with evaluation.locked():
         results = evaluation.run()
         report = write_report(results, out)
-    if not args.quiet:
+    if not args.quiet and distributed.is_main():
         print(format_table(table(results), results))
         print(f"\nresults: {out / 'results.json'}\nreport:  {report}")
     return 0

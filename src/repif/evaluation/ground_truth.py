@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from repif import io
+from repif import distributed, io
 from repif.training import tensor_digest
 
 #: Fewest LDS subsets accepted: a Spearman correlation over S pairs has a standard error of
@@ -210,12 +210,46 @@ class ModelStore:
         return model.eval()
 
     def run(self, jobs: list[Job], desc: str = "retraining") -> None:
-        """Make sure every job's model exists: train the missing ones, with a progress bar."""
-        bar = tqdm(jobs, desc=desc, unit="model", disable=not self.progress, leave=False)
-        for job in bar:
-            bar.set_postfix_str(job.label or job.kind, refresh=False)
-            self.logits(job)
+        """Make sure every job's model exists: train the missing ones, with a progress bar.
+
+        Over several processes (docs/design.md, "Several processes") the missing jobs are dealt
+        out round-robin; each rank trains its share alone (no collectives), then every rank's
+        new files are sent to every other rank, so all hold every model (rank 0's folder is the
+        run's output). ``trained`` then counts the models all ranks trained."""
+        if not distributed.is_distributed():
+            mine, missing = jobs, None
+        else:
+            # rank 0's view decides, so every rank deals out the same list (ranks may share
+            # one folder, or hold mirrored copies of rank 0's)
+            have = distributed.broadcast_object([self.cached(j) for j in jobs]
+                                                if distributed.is_main() else None)
+            missing = [j for j, cached in zip(jobs, have, strict=True) if not cached]
+            mine = missing[distributed.rank()::distributed.world_size()]
+        bar = tqdm(mine, desc=desc, unit="model", disable=not self.progress, leave=False)
+        before = self.trained
+        with distributed.local():
+            for job in bar:
+                bar.set_postfix_str(job.label or job.kind, refresh=False)
+                self.logits(job)
         bar.close()
+        if missing is not None:
+            self._exchange(missing)
+            self.trained = before + int(sum(distributed.gather_numbers(self.trained - before)))
+
+    def _exchange(self, missing: list[Job]) -> None:
+        """Send each rank's newly trained model files to every other rank (bytes, checksummed
+        like every stored file)."""
+        for src in range(distributed.world_size()):
+            files = None
+            if distributed.rank() == src:
+                ours = missing[src::distributed.world_size()]
+                files = {self.path(j).name: self.path(j).read_bytes() for j in ours}
+            files = distributed.broadcast_object(files, src=src)
+            if distributed.rank() != src:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                for name, data in files.items():
+                    if not (self.folder / name).is_file():  # absent unless the folder is shared
+                        io.write_bytes_atomic(self.folder / name, lambda data=data: data)
 
 
 def test_logits(model: nn.Module, x: Tensor) -> Tensor:

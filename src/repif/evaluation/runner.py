@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from repif import curvature_kinds, distributed, io
+from repif import curvature_kinds, io
 from repif import samplers as _samplers
 from repif import solvers as _solvers
 from repif.estimator import InfluenceEstimator
@@ -323,10 +323,6 @@ class Evaluation:
                  data: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
                  recipe: Recipe | None = None, progress: bool = True) -> None:
         config.validate()
-        if distributed.is_distributed():
-            raise EvaluationError(
-                "repif evaluate runs in one process for now (its retraining is not yet spread "
-                "over torch.distributed ranks); run it without torchrun")
         self.config, self.out, self.progress = config, Path(out), progress
         self.device = check_device(config.device)
         check_output_dir(self.out)

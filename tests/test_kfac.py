@@ -520,6 +520,38 @@ def test_budget_sizes_the_factor_passes(digits_mlp):
         kfac.fit_kronecker(fm, x, y, w, budget=repif.MemoryBudget(2**16))
 
 
+def test_corrections_chunks_count_every_layers_unfolded_inputs(monkeypatch):
+    """The EK-FAC corrections pass keeps every layer's unfolded inputs ā of a chunk across its
+    backward passes: the chunk size counts them all, so they stay within the budget."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1),
+                          *[nn.Conv2d(2, 2, 3, padding=1) for _ in range(4)],
+                          nn.Flatten(), nn.Linear(2 * 16 * 16, 3)).double()
+    x, y = torch.randn(64, 1, 16, 16, dtype=torch.float64), torch.randint(0, 3, (64,))
+    fm = FunctionalModel(model, ClassificationTask())
+    layers, _ = kfac.kronecker_layers(fm)
+    fixed = kfac.factor_bytes(fm, layers)
+    budget = repif.MemoryBudget(fixed + 2**22)
+    setup = kfac._setup(fm, x, y, torch.full((64,), 1 / 64, dtype=torch.float64), layers,
+                        "sampled", budget, 0, corrections=True)
+    assert 1 < setup.rows < 64
+    sizes: list[int] = []
+    unfold = kfac._inputs
+
+    def recorded(layer, a):
+        out = unfold(layer, a)
+        sizes.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(kfac, "_inputs", recorded)
+    bases = [(torch.eye(layer.d, dtype=torch.float64),
+              torch.eye(layer.out, dtype=torch.float64)) for layer in layers]
+    kfac._corrections(fm, layers, setup, bases)
+    per_chunk = [sum(sizes[i : i + len(layers)]) for i in range(0, len(sizes), len(layers))]
+    assert len(per_chunk) == -(-64 // setup.rows)
+    assert max(per_chunk) <= budget.bytes - fixed
+
+
 @pytest.mark.slow
 def test_two_processes_give_one_process_numbers(tmp_path):
     """2 gloo processes (each summing the factors over its share of the subset, all-reduced)

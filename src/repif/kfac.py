@@ -303,12 +303,19 @@ def _chunk_rows(fm: FunctionalModel, layers: list[KroneckerLayer], x: Any, budge
                 fixed: int, corrections: bool, n: int) -> int:
     """Points per chunk: one point's activations (KFAC_ACTIVATION_COPIES copies) and the largest
     layer's temporaries — ā and g over its positions, and for the EK-FAC corrections the
-    point's gradient matrix and its rotation — beside the ``fixed`` factor storage. One layer's
-    temporaries are alive at a time, so memory is bounded per layer."""
+    point's gradient matrix, its rotation and the rotation's square — beside the ``fixed``
+    factor storage. One layer's temporaries are alive at a time, so memory is bounded per
+    layer; but the corrections pass unfolds every layer's inputs ā once per chunk and keeps
+    them across its backward passes, so there all layers' ā count."""
     item = fm.theta.element_size()
-    per_layer = [t * (d + o) + (2 * o * d if corrections else 0)
-                 for t, d, o in _layer_shapes(fm, layers, x)]
-    row = (KFAC_ACTIVATION_COPIES * fm.activation_numel(x) + max(per_layer, default=0)) * item
+    shapes = _layer_shapes(fm, layers, x)
+    if corrections:
+        held = sum(t * d for t, d, _ in shapes)
+        per_layer = [t * o + 3 * o * d for t, d, o in shapes]
+    else:
+        held, per_layer = 0, [t * (d + o) for t, d, o in shapes]
+    row = (KFAC_ACTIVATION_COPIES * fm.activation_numel(x) + held
+           + max(per_layer, default=0)) * item
     return budget.rows(row, fixed=fixed, limit=n)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from repif import distributed
 from repif.experiments.config import StudyConfig
+from repif.memory import parse_bytes
 
 #: The demo: digits MLP, one removed class, every sampler (and importance sampling with the
 #: shrinkage fill), sizes 16…256, 3 seeds — under three minutes on 2 CPU cores.
@@ -36,6 +37,13 @@ def _ints(text: str) -> list[int]:
 
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _memory(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _scale(text: str) -> float | str:
@@ -83,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     cr.add_argument("--limit-test", type=int, default=None)
     cr.add_argument("--dtype", default="float64", choices=("float32", "float64"))
     cr.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    cr.add_argument("--max-memory", type=_memory, default=None,
+                    help="memory per streamed chunk, e.g. 2GiB (default: a quarter of the free "
+                         "RAM or GPU memory); changes speed and peak memory, not results")
     cr.add_argument("--fisher", default=None, choices=("exact", "sampled"),
                     help="kfac/ekfac: the output Hessian exactly (C backward passes per point, "
                          "default) or one sampled label per point")
@@ -106,7 +117,7 @@ def _config(args: argparse.Namespace) -> StudyConfig:
         steps=args.steps, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
         limit_train=args.limit_train, limit_test=args.limit_test, dtype=args.dtype,
         device=args.device, batch_size=args.batch_size, fisher=args.fisher,
-        other_layers=args.other_layers,
+        other_layers=args.other_layers, max_memory=args.max_memory,
     )
 
 

@@ -103,3 +103,24 @@ def format_bytes(n: int | float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+#: Units ``parse_bytes`` reads (powers of 1024, as ``format_bytes`` writes them).
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20,
+          "MIB": 2**20, "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40,
+          "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512 MB', '1.5G' or a plain byte count → bytes (units are powers of 1024)."""
+    raw = str(text).strip()
+    number = raw.rstrip("BbIiKkMmGgTt ")
+    unit = raw[len(number):].strip().upper()
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if unit not in _UNITS or not value > 0 or value == float("inf"):
+        raise ValueError(f"cannot read {text!r} as an amount of memory; write e.g. 2GiB, "
+                         "512MB or a number of bytes")
+    return int(value * _UNITS[unit])

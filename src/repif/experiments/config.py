@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from repif import curvature_kinds, kfac, samplers, solvers
+from repif.memory import MemoryBudget
 
 #: Suffix on a sampler name that turns on the diagonal shrinkage fill (``shrinkage="auto"``).
 SHRINK_SUFFIX = "+shrink"
@@ -23,8 +24,9 @@ SHRINK_SUFFIX = "+shrink"
 SCALE_GRID = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0,
               0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 
-#: Fields that do not change a cell's numbers (only which cells exist, or how they are shown).
-_GRID_FIELDS = ("remove", "samplers", "sizes", "seeds")
+#: Fields that do not change a cell's numbers (only which cells exist, or how they are shown;
+#: the memory budget only how the streamed passes are chunked).
+_GRID_FIELDS = ("remove", "samplers", "sizes", "seeds", "max_memory")
 
 
 @dataclass
@@ -58,6 +60,9 @@ class StudyConfig:
     #: None keeps the library's default ("exact" output Hessian; other layers an error).
     fisher: str | None = None
     other_layers: str | None = None
+    #: Bytes each estimator may use per streamed chunk (repif.memory.MemoryBudget); None: a
+    #: quarter of the free RAM or GPU memory.
+    max_memory: int | None = None
 
     def kronecker_options(self) -> dict[str, str]:
         """The estimator's ``kronecker_options`` for this configuration (empty: defaults)."""
@@ -93,6 +98,8 @@ class StudyConfig:
         if (self.fisher is not None or self.other_layers is not None) and not kronecker:
             raise ValueError("--fisher and --other-layers configure --curvature kfac/ekfac; "
                              f"leave them out with --curvature {self.curvature}")
+        if self.max_memory is not None:
+            MemoryBudget(self.max_memory)  # a bad figure fails here, naming the fix
         if self.fisher is not None and self.fisher not in kfac.FISHER_MODES:
             raise ValueError(f"--fisher must be one of {', '.join(kfac.FISHER_MODES)}, got "
                              f"{self.fisher!r}")

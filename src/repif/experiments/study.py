@@ -287,7 +287,7 @@ class Study:
         c = self.config
         return InfluenceEstimator(
             self.model, (self.train_x, self.train_y), curvature=c.curvature, damping=c.damping,
-            weight_decay=c.weight_decay, device=self.device,
+            weight_decay=c.weight_decay, device=self.device, max_memory=c.max_memory,
             kronecker_options=c.kronecker_options() or None, **kw,
         )
 

@@ -1,0 +1,118 @@
+"""Study options for large models: Kronecker curvatures, the memory budget, the literature's F1,
+and pool statistics shared between estimators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import repif
+from repif.cli import _config, _parser
+from repif.experiments.config import StudyConfig
+from repif.memory import parse_bytes
+from repif.metrics import f1_score, removal_scores
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2GiB", 2 * 2**30), ("512 MB", 512 * 2**20), ("1.5G", int(1.5 * 2**30)), ("4096", 4096),
+    ("64k", 64 * 2**10), ("1TB", 2**40),
+])
+def test_parse_bytes_reads_units_as_powers_of_1024(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "-1G", "0", "2XB", "inf", "nanG"])
+def test_parse_bytes_refuses_what_is_not_memory(text):
+    with pytest.raises(ValueError, match="2GiB"):
+        parse_bytes(text)
+
+
+def test_cli_passes_kronecker_options_and_memory_to_the_config():
+    args = _parser().parse_args([
+        "class-removal", "--curvature", "ekfac", "--solver", "eigen", "--fisher", "sampled",
+        "--other-layers", "frozen", "--max-memory", "1GiB", "--batch-size", "128"])
+    cfg = _config(args)
+    cfg.validate()
+    assert (cfg.curvature, cfg.solver, cfg.fisher, cfg.other_layers) == (
+        "ekfac", "eigen", "sampled", "frozen")
+    assert cfg.max_memory == 2**30 and cfg.batch_size == 128
+    assert cfg.kronecker_options() == {"fisher": "sampled", "other_layers": "frozen"}
+
+
+def test_memory_budget_does_not_change_the_cell_hash():
+    assert StudyConfig(max_memory=2**20).cell_hash() == StudyConfig().cell_hash()
+    assert StudyConfig(curvature="kfac", solver="eigen").cell_hash() != StudyConfig().cell_hash()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"curvature": "kfac", "solver": "cg"}, "--solver eigen"),
+    ({"curvature": "ggn", "solver": "eigen"}, "--solver eigen"),
+    ({"curvature": "ggn", "fisher": "sampled"}, "--fisher and --other-layers"),
+    ({"curvature": "kfac", "solver": "eigen", "fisher": "guess"}, "--fisher must be"),
+    ({"curvature": "ekfac", "solver": "eigen", "other_layers": "skip"}, "--other-layers must"),
+    ({"curvature": "fisher"}, "unknown curvature 'fisher'"),
+    ({"max_memory": 100}, "too small"),
+])
+def test_bad_study_options_name_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StudyConfig(**kwargs).validate()
+
+
+def test_literature_f1_pairs_forget_with_accuracy():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 1])
+    original = torch.tensor([0, 0, 1, 2, 2, 2, 1, 1])
+    new = torch.tensor([1, 0, 1, 1, 2, 1, 1, 1])
+    s = removal_scores(new, original, labels, removed_class=0)
+    forget = 0.5                        # one of the two class-0 points still predicted 0
+    accuracy = 4 / 6                    # others: positions 2, 3, 4, 7 right
+    consistency = 4 / 6                 # others: positions 2, 4, 6, 7 unchanged
+    assert s.f1_literature == pytest.approx(2 * forget * accuracy / (forget + accuracy))
+    assert s.f1 == pytest.approx(f1_score(forget, consistency))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    y = (x[:, :3].argmax(1)).long()
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    return net, x, y
+
+
+@pytest.mark.parametrize("sampler", ["logit-importance", "feature-herding", "logit-stratified"])
+def test_shared_pool_statistics_give_the_subset_and_solve_of_a_fresh_pass(problem, sampler):
+    net, x, y = problem
+    kw = dict(solver="cg", sampler=sampler, sample_size=40, seed=3, damping=0.1)
+    fresh = repif.InfluenceEstimator(net, (x, y), **kw)
+    stats = repif.InfluenceEstimator(net, (x, y)).pool_statistics()
+    assert [t.shape[0] for t in stats] == [300, 300, 300]
+    shared = repif.InfluenceEstimator(net, (x, y), pool_statistics=stats, **kw)
+    pool = torch.arange(20, 300)  # a pool that is not every point: rows are picked by index
+    fresh.fit(pool)
+    shared.fit(pool)
+    assert shared.fitter.statistics_used
+    assert torch.equal(fresh.fitted.subset.indices, shared.fitted.subset.indices)
+    assert torch.equal(fresh.fitted.subset.weights, shared.fitted.subset.weights)
+    g = torch.randn(2, fresh.fm.theta.numel(), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(shared.inverse_hvp(g), fresh.inverse_hvp(g))
+
+
+def test_random_sampler_reads_no_pool_statistics(problem):
+    net, x, y = problem
+    stats = repif.InfluenceEstimator(net, (x, y)).pool_statistics()
+    est = repif.InfluenceEstimator(net, (x, y), solver="cg", sampler="random", sample_size=30,
+                                   pool_statistics=stats).fit()
+    assert not est.fitter.statistics_used
+    assert not repif.samplers.REGISTRY.get("random").uses_statistics
+    assert repif.samplers.REGISTRY.get("logit-importance").uses_statistics
+
+
+def test_pool_statistics_of_another_shape_are_refused(problem):
+    net, x, y = problem
+    logits, feats, targets = repif.InfluenceEstimator(net, (x, y)).pool_statistics()
+    with pytest.raises(ValueError, match="one row per training point"):
+        repif.InfluenceEstimator(net, (x, y), pool_statistics=(logits[:10], feats, targets))
+    with pytest.raises(ValueError, match="tuple of tensors"):
+        repif.InfluenceEstimator(net, (x, y), pool_statistics=logits)

@@ -102,6 +102,9 @@ RUNS = {
         "--dampings 0.001,0.01,0.03",
         "python benchmarks/lds.py lr --methods ggn:woodbury@random,ggn:woodbury@logit-importance"
         " --sizes 1000 --dampings 0.1",
+        "python benchmarks/lds.py lr --methods ggn:woodbury@random,ggn:woodbury@stratified,"
+        "ggn:woodbury@feature-kmeans,ggn:woodbury@feature-herding,ggn:woodbury@logit-stratified,"
+        "ggn:woodbury@logit-importance --sizes 50,100,250,500 --seeds 5 --dampings 0.1",
     ],
     "mlp": [
         "python benchmarks/lds.py mlp",

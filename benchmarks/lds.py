@@ -105,6 +105,9 @@ RUNS = {
         "python benchmarks/lds.py lr --methods ggn:woodbury@random,ggn:woodbury@stratified,"
         "ggn:woodbury@feature-kmeans,ggn:woodbury@feature-herding,ggn:woodbury@logit-stratified,"
         "ggn:woodbury@logit-importance --sizes 50,100,250,500 --seeds 5 --dampings 0.1",
+        "python benchmarks/lds.py lr --methods ggn:woodbury@random,ggn:woodbury@stratified,"
+        "ggn:woodbury@feature-kmeans,ggn:woodbury@feature-herding,ggn:woodbury@logit-stratified,"
+        "ggn:woodbury@logit-importance --sizes 1000 --seeds 3 --dampings 0.1",
     ],
     "mlp": [
         "python benchmarks/lds.py mlp",

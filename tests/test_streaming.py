@@ -540,3 +540,14 @@ def test_progress_bars_do_not_change_results(linear_problem, attention_problem):
     ap = attention_problem
     dict_loud = _attention_est(ap, ap["train"], progress=True)
     assert _rel(dict_loud.influence(ap["test"]), ap["scores"]) <= 1e-6
+
+
+@pytest.mark.parametrize("free, expected", [(64 * 2**30, 2**30), (2 * 2**30, 2**29)])
+def test_default_budget_is_a_quarter_of_free_memory_capped_on_the_cpu(monkeypatch, free,
+                                                                       expected):
+    from repif import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: free)
+    assert memory.MemoryBudget.resolve(None, "cpu").bytes == expected
+    assert memory.MemoryBudget.resolve(None, None).bytes == expected
+    assert memory.MemoryBudget.resolve(3 * 2**30, "cpu").bytes == 3 * 2**30  # a figure is kept

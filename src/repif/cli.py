@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     cr.add_argument("--batch-size", type=int, default=64, help="training batch size")
     cr.add_argument("--max-memory", type=_memory, default=None,
                     help="memory per streamed chunk, e.g. 2GiB (default: a quarter of the free "
-                         "RAM or GPU memory); changes speed and peak memory, not results")
+                         "RAM, at most 1 GiB, or of the GPU memory); changes speed and peak "
+                         "memory, not results")
     cr.add_argument("--fisher", default=None, choices=("exact", "sampled"),
                     help="kfac/ekfac: the output Hessian exactly (C backward passes per point, "
                          "default) or one sampled label per point")

@@ -83,7 +83,8 @@ class InfluenceEstimator:
     collated by ``collate_fn``) or a ``DataLoader``. ``task`` says how a batch becomes model
     inputs, targets and per-sample losses, and holds the objective's ``weight_decay`` (the
     ``weight_decay=`` argument sets it on the default task). ``max_memory`` (bytes; default a
-    quarter of the free RAM or GPU memory) sizes every streamed chunk; ``batch_size`` caps it.
+    quarter of the free RAM, at most 1 GiB, or of the GPU memory) sizes every streamed chunk;
+    ``batch_size`` caps it.
     The caller's model is copied (and put in eval mode); it is never modified. ``fit(pool)``
     draws the curvature subset from ``pool`` and prepares the solver; every method that needs it
     fits on all training points first if you have not called ``fit``. Extra keyword arguments

@@ -20,6 +20,12 @@ from repif.errors import TooLargeError
 #: ≈ 1.5× the largest chunk on the CPU once fragmentation is counted).
 DEFAULT_FRACTION = 0.25
 
+#: Most a default budget spends on the CPU. Bigger chunks stopped paying there and then cost
+#: time: one ResNet-18 class removal (benchmarks/results/removal-memory.md) took 56 s with
+#: 256 MiB, 69 s with 1 GiB and 116 s with a 5.1 GiB default, the same result each time (larger
+#: blocks fall out of the caches). On a GPU the fraction alone applies: large batches pay there.
+CPU_DEFAULT_CAP = 2**30
+
 #: Budget used when the free memory cannot be read (no /proc, no CUDA query).
 FALLBACK_BYTES = 2 * 2**30
 
@@ -70,7 +76,10 @@ class MemoryBudget:
         if isinstance(max_memory, MemoryBudget):
             return max_memory
         if max_memory is None:
-            return cls(max(MIN_BYTES, int(DEFAULT_FRACTION * available_bytes(device))))
+            share = int(DEFAULT_FRACTION * available_bytes(device))
+            if torch.device(device if device is not None else "cpu").type == "cpu":
+                share = min(share, CPU_DEFAULT_CAP)
+            return cls(max(MIN_BYTES, share))
         if isinstance(max_memory, float):
             if not max_memory == max_memory or max_memory in (float("inf"), float("-inf")):
                 raise ValueError(f"max_memory must be a finite number of bytes, got {max_memory}")

@@ -61,7 +61,7 @@ class StudyConfig:
     fisher: str | None = None
     other_layers: str | None = None
     #: Bytes each estimator may use per streamed chunk (repif.memory.MemoryBudget); None: a
-    #: quarter of the free RAM or GPU memory.
+    #: quarter of the free RAM (at most 1 GiB) or GPU memory.
     max_memory: int | None = None
 
     def kronecker_options(self) -> dict[str, str]:

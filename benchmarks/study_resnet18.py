@@ -70,11 +70,21 @@ def summarise(profile: str) -> Path:
     """Rewrite ``<out>.md`` from ``<out>/results.json``: the table with both F1s, the
     references, the headline against random beside the published figures, update ÷ retrain."""
     from repif import io
+    from repif.experiments.config import StudyConfig
+    from repif.experiments.study import Study, StudyError
     from repif.experiments.summary import aggregate, conclusions, headline, references, update_cost
 
     out = RESULTS / PROFILES[profile]["out"]
     results = io.read_json(out / "results.json")
-    rows = aggregate(results)
+    study = Study(StudyConfig.from_dict(results["config"]), out, progress=False)
+
+    def vectors(cls: int, spec: str, m: int) -> list:
+        try:
+            return study.vectors(cls, spec, m)
+        except StudyError:  # a seed not run yet (or its estimate not kept): no spread
+            return []
+
+    rows = aggregate(results, vectors)
     refs = references(results)
     head = headline(rows)
     cost = update_cost(rows, refs)
@@ -99,8 +109,8 @@ def summarise(profile: str) -> Path:
         "quarter of the free memory), which its chunks fill, so it says more about the budget "
         "than about need.", "",
         "| sampler | m | n | F1 | F1 lit. | forget | consistency | inverse-HVP rel. error | "
-        "time s | time s, pass shared | peak MB |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        "seed spread | time s | time s, pass shared | peak MB |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         shared = [c["time_s"] - c.get("pool_pass_s", 0.0) for c in results["cells"]
@@ -109,13 +119,14 @@ def summarise(profile: str) -> Path:
             f"| {r['sampler']} | {r['sample_size']} | {r['n']} | {r['f1']:.3f} ± "
             f"{r['f1_std']:.3f} | {r['f1_literature']:.3f} | {r['forget']:.3f} | "
             f"{r['consistency']:.3f} | {r['ihvp_rel_error']:.3f} ± {r['ihvp_rel_error_std']:.3f}"
-            f" | {r['time_s']:.1f} | {sum(shared) / len(shared):.1f} | "
+            f" | {r.get('seed_spread', float('nan')):.3f} | {r['time_s']:.1f} | "
+            f"{sum(shared) / len(shared):.1f} | "
             f"{r['peak_mem_bytes'] / 2**20:.0f} |")
     for kind, r in refs.items():
         name = {"full": f"reference: {cfg['curvature']} on the whole pool",
                 "retrain": "reference: retrain"}
         lines.append(f"| {name.get(kind, kind)} | | | {r['f1']:.3f} | {r['f1_literature']:.3f} "
-                     f"| {r['forget']:.3f} | {r['consistency']:.3f} | | {r['time_s']:.1f} | | "
+                     f"| {r['forget']:.3f} | {r['consistency']:.3f} | | | {r['time_s']:.1f} | | "
                      f"{r['peak_mem_bytes'] / 2**20:.0f} |")
     lines += ["", "## Against random, beside the published claim", ""]
     lines += [f"* {s}" for s in conclusions(head, cost)]

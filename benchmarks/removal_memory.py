@@ -37,7 +37,7 @@ def one(budget: str) -> dict:
     from repif.experiments.resources import measure
     from repif.experiments.study import Study
     from repif.memory import parse_bytes
-    from repif.metrics import removal_scores
+    from repif.metrics import predict, removal_scores
     from repif.unlearning import remaining_indices
 
     results = io.read_json(STUDY / "results.json")
@@ -53,8 +53,6 @@ def one(budget: str) -> dict:
         est = study._estimator(solver=cfg.solver, sampler="logit-importance",
                                sample_size=SAMPLE_SIZE, seed=0).fit(rest)
         updated = est.remove(removed, scale=scale, steps=cfg.steps)
-    from repif.metrics import predict
-
     scores = removal_scores(predict(updated, study.test[0]), study.original_test,
                             study.test[1], REMOVED_CLASS)
     return {"budget": budget, "budget_bytes": est.budget.bytes, "time_s": m.time_s,

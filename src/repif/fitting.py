@@ -125,11 +125,10 @@ class CurvatureFitter:
     def pool_statistics(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One streaming forward pass → (k, C) logits, (k, d) penultimate features and (k,)
         targets, on the CPU, in the order of ``indices``."""
+        self.statistics_used = True
         if self.statistics is not None:
-            self.statistics_used = True
             idx = indices.cpu()
             return tuple(t[idx] for t in self.statistics)
-        self.statistics_used = True
         rows = self.budget.rows(self.cost.forward_row())
         if not distributed.is_distributed():
             return self._pool_pass(indices, rows)

@@ -2,6 +2,7 @@
 
     python benchmarks/study_resnet18.py cpu  --data-dir DIR     # width 16, the grid this CPU runs
     python benchmarks/study_resnet18.py cuda --data-dir DIR     # full width (11.2M), full grid
+    python benchmarks/study_resnet18.py cpu-full --data-dir DIR # full width, one cell per point
     python benchmarks/study_resnet18.py cpu  --summarise        # only rewrite the summary
 
 Each profile is one ``repif class-removal`` run (printed before it starts; it resumes after an
@@ -39,20 +40,26 @@ PUBLISHED = {"time_saved": 0.301, "memory_saved": 0.422, "f1_gain": 0.025}
 COMMON = [
     "--dataset", "mnist", "--model", "resnet18", "--batch-size", "128", "--lr", "1e-3",
     "--weight-decay", "5e-4", "--dtype", "float32", "--curvature", "kfac", "--solver", "eigen",
-    "--fisher", "sampled", "--other-layers", "frozen", "--damping", "0.01", "--remove", "0,3",
+    "--fisher", "sampled", "--other-layers", "frozen", "--damping", "0.01",
     "--samplers", "random,stratified,feature-kmeans,feature-herding,logit-stratified,"
     "logit-importance",
 ]
 
 #: cpu: width 16 (701k parameters), 2 epochs, three sizes and three seeds — what a 2-core CPU
-#: runs in about an hour and a half per removed class; cuda: the full-width model and grid.
+#: runs in about an hour and a half per removed class; cpu-full: the full-width model (11.2M)
+#: with its references and one cell per sampler and size (class 0, one seed, one epoch — about
+#: two hours on 2 cores, where one full-width epoch takes ≈ 12 minutes); cuda: the full-width
+#: model and the full grid.
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {"out": "study-mnist-resnet18",
             "args": ["--width", "16", "--epochs", "2", "--sizes", "64,256,1024", "--seeds", "3",
-                     "--device", "cpu", "--threads", "1"]},
+                     "--remove", "0,3", "--device", "cpu", "--threads", "1"]},
+    "cpu-full": {"out": "study-mnist-resnet18-full",
+                 "args": ["--width", "64", "--epochs", "1", "--sizes", "64,256,1024",
+                          "--seeds", "1", "--remove", "0", "--device", "cpu", "--threads", "2"]},
     "cuda": {"out": "study-mnist-resnet18-cuda",
              "args": ["--width", "64", "--epochs", "5", "--sizes", "64,128,256,512,1024,2048,4096",
-                      "--seeds", "5", "--device", "cuda"]},
+                      "--seeds", "5", "--remove", "0,3", "--device", "cuda"]},
 }
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from repif import io
 from repif.data import as_tensors
@@ -224,17 +225,14 @@ def _fit(
     gen = torch.Generator().manual_seed(recipe["seed"])
     n, bs = len(y), recipe["batch_size"]
     loss_fn = nn.CrossEntropyLoss()
-    epochs = range(recipe["epochs"])
-    if progress:
-        from tqdm.auto import tqdm
-
-        epochs = tqdm(epochs, desc="training", unit="epoch")
     model.train()
     total_steps = recipe["epochs"] * -(-n // bs)
     step = 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # one tick per mini-batch: a full-width ResNet-18 epoch on a CPU takes minutes
+    bar = tqdm(total=total_steps, desc="training", unit="batch", disable=not progress)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), bar:
         torch.manual_seed(recipe["seed"])
-        for _ in epochs:
+        for epoch in range(recipe["epochs"]):
             order = torch.randperm(n, generator=gen)
             total = 0.0
             for start in range(0, n, bs):
@@ -250,12 +248,12 @@ def _fit(
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(idx)
+                bar.update()
             if not math.isfinite(total):
                 raise FloatingPointError(
                     f"training loss became {total / n}; lower the learning rate (lr={recipe['lr']})"
                 )
-            if progress:
-                epochs.set_postfix(loss=f"{total / n:.4f}")  # type: ignore[union-attr]
+            bar.set_postfix(epoch=f"{epoch + 1}/{recipe['epochs']}", loss=f"{total / n:.4f}")
 
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:

@@ -87,7 +87,7 @@ class KFAC(CurvatureKind):
         def fit() -> kfac.KroneckerCurvature:
             return kfac.fit_kronecker(fm, x, y, subset.weights, kind=str(self.name),
                                       fisher=self.fisher, other_layers=self.other_layers,
-                                      budget=fitter.budget, seed=seed)
+                                      budget=fitter.budget, seed=seed, progress=fitter.progress)
 
         if self.cache_dir is None:
             return fit()

@@ -40,6 +40,7 @@ from repif.fitting import CurvatureFitter, FitOptions, FittedCurvature
 from repif.gradients import CostModel, split_batch, stream_gradients, stream_scores
 from repif.layer_gradients import LayerGradientEngine, layer_engine
 from repif.memory import MemoryBudget
+from repif.progress import bar as progress_bar
 from repif.samplers import Pool, Subset
 from repif.task import ClassificationTask, FunctionalModel, Task
 from repif.unlearning import newton_removal
@@ -179,7 +180,7 @@ class InfluenceEstimator:
         options = FitOptions(curvature, float(damping), solver, dict(solver_options),
                              self.sampler, sample_size, seed, shrinkage, kronecker_options)
         self.fitter = CurvatureFitter(self.fm, self.source, options, self.budget, self.cost,
-                                      self.output_dim)
+                                      self.output_dim, progress=progress)
         if pool_statistics is not None:
             self.fitter.use_statistics(pool_statistics)
         self._fitted: FittedCurvature | None = None
@@ -314,10 +315,7 @@ class InfluenceEstimator:
         return check_indices(indices, self.n_train)
 
     def _bar(self, total: int, desc: str) -> tqdm:
-        disable = None if self.progress is None else not self.progress
-        if not distributed.is_main():
-            disable = True  # only rank 0 shows progress
-        return tqdm(total=total, desc=desc, unit="pt", disable=disable, leave=False)
+        return progress_bar(total, desc, self.progress)
 
     def _gradients(self, source: DataSource, idx: Tensor, measure: str = "loss") -> Tensor:
         """(k, p) per-sample gradients of points ``idx``; over several processes each rank

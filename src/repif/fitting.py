@@ -22,6 +22,7 @@ from repif.curvature import CurvatureOperator, resolve_shrinkage
 from repif.data import DataSource, to_device
 from repif.gradients import CostModel, split_batch
 from repif.memory import MemoryBudget
+from repif.progress import bar as progress_bar
 from repif.samplers import Pool, Subset
 from repif.task import FunctionalModel, Task
 from repif.validation import check_indices
@@ -68,9 +69,13 @@ class CurvatureFitter:
         budget: MemoryBudget,
         cost: CostModel,
         output_dim: int,
+        *,
+        progress: bool | None = False,
     ) -> None:
         self.fm, self.source, self.options = fm, source, options
         self.budget, self.cost, self.output_dim = budget, cost, output_dim
+        #: Bars for the passes over data a fit makes (see :func:`repif.progress.bar`).
+        self.progress = progress
         #: Precomputed (n_train, C) logits, (n_train, d) features and (n_train,) targets of every
         #: training point at the trained parameters (see :meth:`use_statistics`), or None.
         self.statistics: tuple[Tensor, Tensor, Tensor] | None = None
@@ -141,13 +146,15 @@ class CurvatureFitter:
 
     def _pool_pass(self, indices: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
         outs, feats, targets = [], [], []
-        for _, batch in self.source.batches(indices, rows):
-            inputs, y = split_batch(self.fm, batch)
-            self.task.check_targets(y, self.output_dim)
-            o, f = self.fm.logits_and_features(inputs)
-            outs.append(o.cpu())
-            feats.append(f.cpu())
-            targets.append(y.cpu())
+        with progress_bar(indices.numel(), "pool statistics", self.progress) as bar:
+            for _, batch in self.source.batches(indices, rows):
+                inputs, y = split_batch(self.fm, batch)
+                self.task.check_targets(y, self.output_dim)
+                o, f = self.fm.logits_and_features(inputs)
+                outs.append(o.cpu())
+                feats.append(f.cpu())
+                targets.append(y.cpu())
+                bar.update(o.shape[0])
         if not outs:  # an empty share (more ranks than points): shapes from one probe point
             inputs, y = split_batch(self.fm, self.source.first())
             o, f = self.fm.logits_and_features(inputs)

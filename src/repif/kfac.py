@@ -50,6 +50,7 @@ from repif.data import batch_len, take, to_device
 from repif.errors import CorruptFileError
 from repif.io import environment_metadata, load_tensors, save_tensors_atomic
 from repif.memory import MemoryBudget
+from repif.progress import bar as progress_bar
 from repif.task import FunctionalModel
 
 KINDS = ("kfac", "ekfac")
@@ -339,14 +340,21 @@ class _Pass:
     rows: int
     fisher: str
     noise: Tensor | None
+    progress: bool | None = False  # a bar per pass (see repif.progress.bar)
 
-    def chunks(self, fm: FunctionalModel, layers: list[KroneckerLayer]) -> Iterator[_Chunk]:
-        return _chunks(fm, layers, self.x, self.y, self.weights, self.rows, self.fisher,
-                       self.noise)
+    def chunks(self, fm: FunctionalModel, layers: list[KroneckerLayer], desc: str
+               ) -> Iterator[_Chunk]:
+        lo, hi = distributed.local_range(batch_len(self.y))
+        with progress_bar(hi - lo, desc, self.progress) as bar:
+            for chunk in _chunks(fm, layers, self.x, self.y, self.weights, self.rows,
+                                 self.fisher, self.noise):
+                yield chunk
+                bar.update(chunk.rows.stop - chunk.rows.start)
 
 
 def _setup(fm: FunctionalModel, x: Any, y: Any, weights: Tensor, layers: list[KroneckerLayer],
-           fisher: str, budget: MemoryBudget | None, seed: int, corrections: bool) -> _Pass:
+           fisher: str, budget: MemoryBudget | None, seed: int, corrections: bool,
+           progress: bool | None = False) -> _Pass:
     if fisher not in FISHER_MODES:
         raise ValueError(f"fisher must be one of {', '.join(FISHER_MODES)}, got {fisher!r}")
     x, y = to_device(x, fm.device, fm.dtype), to_device(y, fm.device, fm.dtype)
@@ -366,7 +374,7 @@ def _setup(fm: FunctionalModel, x: Any, y: Any, weights: Tensor, layers: list[Kr
     rows = _chunk_rows(fm, layers, x, budget, kept, corrections, n) if layers else n
     noise = _noise(fm, x, n, seed) if fisher == "sampled" else None
     w = weights.to(device=fm.device, dtype=fm.dtype)
-    return _Pass(x, y, w, rows, fisher, noise)
+    return _Pass(x, y, w, rows, fisher, noise, progress)
 
 
 def kronecker_statistics(
@@ -385,7 +393,7 @@ def _factor_sums(fm: FunctionalModel, layers: list[KroneckerLayer], setup: _Pass
     dt, dev = fm.dtype, fm.device
     a_mats = [torch.zeros(layer.d, layer.d, dtype=dt, device=dev) for layer in layers]
     g_mats = [torch.zeros(layer.out, layer.out, dtype=dt, device=dev) for layer in layers]
-    for chunk in setup.chunks(fm, layers):
+    for chunk in setup.chunks(fm, layers, "K-FAC factors"):
         w = setup.weights[chunk.rows].clamp_min(0)
         for i, layer in enumerate(layers):
             a = chunk.acts.get(layer.module)
@@ -409,7 +417,7 @@ def _corrections(fm: FunctionalModel, layers: list[KroneckerLayer], setup: _Pass
     """EK-FAC's Λ per layer: Σ_i w_i Σ_c (Q_Gᵀ R_ic Q_A)² with R_ic = Σ_t g_ict ā_itᵀ the
     per-point, per-output-vector gradient matrix; ``bases`` holds (Q_A, Q_G) per layer."""
     out = [torch.zeros(layer.out, layer.d, dtype=fm.dtype, device=fm.device) for layer in layers]
-    for chunk in setup.chunks(fm, layers):
+    for chunk in setup.chunks(fm, layers, "EK-FAC eigenvalues"):
         inputs = {}
         for i, layer in enumerate(layers):
             if layer.module in chunk.acts:
@@ -455,16 +463,18 @@ class LayerFactors:
 def fit_kronecker(
     fm: FunctionalModel, x: Any, y: Any, weights: Tensor, *, kind: str = "ekfac",
     fisher: str = "exact", other_layers: str = "error", budget: MemoryBudget | None = None,
-    seed: int = 0,
+    seed: int = 0, progress: bool | None = False,
 ) -> KroneckerCurvature:
     """K-FAC (``kind="kfac"``) or EK-FAC (``"ekfac"``) of ``fm`` on the points ``(x, y)`` (the
     gathered subset's model inputs and targets) with the sampler's ``weights``: one pass for A
     and G, their eigendecompositions, and for EK-FAC a second pass for the eigenvalue
-    corrections. ``seed`` drives the sampled Fisher's draws."""
+    corrections. ``seed`` drives the sampled Fisher's draws; ``progress`` shows a bar per pass
+    (:func:`repif.progress.bar`)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     layers, others = kronecker_layers(fm, other_layers)
-    setup = _setup(fm, x, y, weights, layers, fisher, budget, seed, corrections=kind == "ekfac")
+    setup = _setup(fm, x, y, weights, layers, fisher, budget, seed, corrections=kind == "ekfac",
+                   progress=progress)
     a_mats, g_mats = _factor_sums(fm, layers, setup)
     factors: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     for i in range(len(layers)):

@@ -297,7 +297,8 @@ class Study:
         sampler reads them, as if the cell had made it)."""
         if self._stats is None:
             with measure(self.device) as m:
-                self._stats = self._estimator(solver=self.config.solver).pool_statistics()
+                self._stats = self._estimator(solver=self.config.solver,
+                                              progress=self.progress).pool_statistics()
             self.pool_pass = {"time_s": m.time_s, "peak_mem_bytes": m.peak_mem_bytes}
         return self._stats
 
@@ -311,7 +312,7 @@ class Study:
         # exact curvature: CG on the whole pool; Kronecker-factored: its factors on the whole pool
         solver = {"solver": "eigen"} if c.solver == "eigen" else REFERENCE_SOLVER
         with measure(self.device) as m:
-            est = self._estimator(**solver).fit(rest)
+            est = self._estimator(progress=self.progress, **solver).fit(rest)
             g = removal_gradient(est.fitter, removed)
             v_full = est.inverse_hvp(g)
         scale = self._pick_scale(est, v_full, cls) if c.scale == "auto" else float(c.scale)
@@ -351,6 +352,7 @@ class Study:
                 fresh, (self.train_x[rest], self.train_y[rest]), epochs=c.epochs,
                 batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                 seed=c.train_seed, device=self.device, cache_dir=self.out / "cache",
+                progress=self.progress,
             ).to(self.dtype)
         return {"removed_class": cls, "kind": "retrain", "time_s": m.time_s,
                 "peak_mem_bytes": m.peak_mem_bytes, **self._scores(model, cls)}

@@ -31,24 +31,31 @@ def test_parse_bytes_refuses_what_is_not_memory(text):
 def test_cli_passes_kronecker_options_and_memory_to_the_config():
     args = _parser().parse_args([
         "class-removal", "--curvature", "ekfac", "--solver", "eigen", "--fisher", "sampled",
-        "--other-layers", "frozen", "--max-memory", "1GiB", "--batch-size", "128"])
+        "--other-layers", "frozen", "--weight-sharing", "reduce", "--max-memory", "1GiB",
+        "--batch-size", "128"])
     cfg = _config(args)
     cfg.validate()
     assert (cfg.curvature, cfg.solver, cfg.fisher, cfg.other_layers) == (
         "ekfac", "eigen", "sampled", "frozen")
     assert cfg.max_memory == 2**30 and cfg.batch_size == 128
-    assert cfg.kronecker_options() == {"fisher": "sampled", "other_layers": "frozen"}
+    assert cfg.kronecker_options() == {"fisher": "sampled", "other_layers": "frozen",
+                                       "weight_sharing": "reduce"}
 
 
 def test_memory_budget_does_not_change_the_cell_hash():
     assert StudyConfig(max_memory=2**20).cell_hash() == StudyConfig().cell_hash()
-    assert StudyConfig(curvature="kfac", solver="eigen").cell_hash() != StudyConfig().cell_hash()
+    kfac = StudyConfig(curvature="kfac", solver="eigen")
+    assert kfac.cell_hash() != StudyConfig().cell_hash()
+    assert StudyConfig(curvature="kfac", solver="eigen", weight_sharing="reduce").cell_hash() \
+        != kfac.cell_hash()
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"curvature": "kfac", "solver": "cg"}, "--solver eigen"),
     ({"curvature": "ggn", "solver": "eigen"}, "--solver eigen"),
-    ({"curvature": "ggn", "fisher": "sampled"}, "--fisher and --other-layers"),
+    ({"curvature": "ggn", "fisher": "sampled"}, "--fisher, --other-layers and"),
+    ({"curvature": "ggn", "weight_sharing": "reduce"}, "leave them out with --curvature ggn"),
+    ({"curvature": "kfac", "solver": "eigen", "weight_sharing": "sum"}, "--weight-sharing must"),
     ({"curvature": "kfac", "solver": "eigen", "fisher": "guess"}, "--fisher must be"),
     ({"curvature": "ekfac", "solver": "eigen", "other_layers": "skip"}, "--other-layers must"),
     ({"curvature": "fisher"}, "unknown curvature 'fisher'"),

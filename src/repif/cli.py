@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     cr.add_argument("--other-layers", default=None, choices=("error", "identity", "frozen"),
                     help="kfac/ekfac: parameters outside Linear/Conv2d layers (e.g. BatchNorm): "
                          "an error (default), identity curvature, or left unchanged")
+    cr.add_argument("--weight-sharing", default=None, choices=("expand", "reduce"),
+                    help="kfac/ekfac: a convolution's positions enter the factors as separate "
+                         "examples (expand, default) or summed first (reduce: K-FAC-reduce, "
+                         "far cheaper on large feature maps)")
     from repif.evaluation.cli import add_parser as add_evaluate
 
     add_evaluate(sub, common)
@@ -118,7 +122,8 @@ def _config(args: argparse.Namespace) -> StudyConfig:
         steps=args.steps, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
         limit_train=args.limit_train, limit_test=args.limit_test, dtype=args.dtype,
         device=args.device, batch_size=args.batch_size, fisher=args.fisher,
-        other_layers=args.other_layers, max_memory=args.max_memory,
+        other_layers=args.other_layers, weight_sharing=args.weight_sharing,
+        max_memory=args.max_memory,
     )
 
 

@@ -8,8 +8,9 @@
   the preconditioner of ``cg`` and ``lissa`` (``preconditioner="ekfac"``). Options:
   ``fisher`` ("exact": the GGN's output Hessian through C backward passes per point; "sampled":
   one backward at a label drawn from the model's predictive), ``other_layers`` ("error",
-  "identity", "frozen") and ``cache_dir`` (factors stored as safetensors, reused when their
-  metadata match). See docs/design.md, "Kronecker factors".
+  "identity", "frozen"), ``weight_sharing`` ("expand", or "reduce": K-FAC-reduce, outer products
+  after summing a layer's positions) and ``cache_dir`` (factors stored as safetensors, reused
+  when their metadata match). See docs/design.md, "Kronecker factors".
 
 A kind is a small class with a ``name`` (registering it), its options as keyword arguments
 (unknown ones are refused by name) and ``build(fitter, subset, fm)``.
@@ -70,14 +71,16 @@ class KFAC(CurvatureKind):
     kronecker = True
 
     def __init__(self, fisher: str = "exact", other_layers: str = "error",
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, weight_sharing: str = "expand") -> None:
         if fisher not in kfac.FISHER_MODES:
             raise ValueError(f"fisher must be one of {', '.join(kfac.FISHER_MODES)}, got "
                              f"{fisher!r}")
         if other_layers not in kfac.OTHER_LAYERS:
             raise ValueError(f"other_layers must be one of {', '.join(kfac.OTHER_LAYERS)}, "
                              f"got {other_layers!r}")
+        kfac.check_weight_sharing(weight_sharing)
         self.fisher, self.other_layers, self.cache_dir = fisher, other_layers, cache_dir
+        self.weight_sharing = weight_sharing
 
     def build(self, fitter: CurvatureFitter, subset: Subset, fm: FunctionalModel
               ) -> kfac.KroneckerCurvature:
@@ -87,7 +90,8 @@ class KFAC(CurvatureKind):
         def fit() -> kfac.KroneckerCurvature:
             return kfac.fit_kronecker(fm, x, y, subset.weights, kind=str(self.name),
                                       fisher=self.fisher, other_layers=self.other_layers,
-                                      budget=fitter.budget, seed=seed, progress=fitter.progress)
+                                      budget=fitter.budget, seed=seed, progress=fitter.progress,
+                                      weight_sharing=self.weight_sharing)
 
         if self.cache_dir is None:
             return fit()
@@ -95,6 +99,8 @@ class KFAC(CurvatureKind):
         size = fitter.options.sample_size
         meta = {
             "kind": self.name, "fisher": self.fisher, "other_layers": self.other_layers,
+            # recorded only when not the default, so factors cached before the option stay valid
+            **({"weight_sharing": self.weight_sharing} if self.weight_sharing != "expand" else {}),
             "model": kfac.model_digest(fm), "data": kfac.data_fingerprint(x, y),
             "subset": kfac._digest([subset.indices, subset.weights]),
             "sampler": getattr(sampler, "name", None) if size is not None else "whole pool",

@@ -95,7 +95,8 @@ class InfluenceEstimator:
     the sampler's weights) and needs ``solver="eigen"``; ``solver="cg"`` or ``"lissa"`` with
     ``preconditioner="ekfac"`` solves the exact subset curvature with those factors as the
     preconditioner. ``kronecker_options`` configure either fit: ``fisher`` ("exact" or
-    "sampled"), ``other_layers`` ("error", "identity", "frozen") and ``cache_dir`` (see
+    "sampled"), ``other_layers`` ("error", "identity", "frozen"), ``weight_sharing`` ("expand"
+    or "reduce": K-FAC-reduce, far cheaper on convolutions) and ``cache_dir`` (see
     :mod:`repif.curvature_kinds`). ``pool_statistics`` (from another estimator's
     :meth:`pool_statistics`, same model and data) spares the logit/feature samplers their pass.
     """

@@ -15,7 +15,13 @@ product G ⊗ A in repif's flat parameter order (docs/design.md, "Kronecker fact
   predictive; cheaper, noisier).
 
 Averaging A over positions and summing G gives the KFC convention (Grosse & Martens, 2016):
-G ⊗ A = |T| Ω̃ ⊗ Γ̃ with Ω̃, Γ̃ the per-position means. The weights w_i are the sampler's, so a
+G ⊗ A = |T| Ω̃ ⊗ Γ̃ with Ω̃, Γ̃ the per-position means (``weight_sharing="expand"``, the
+default). ``weight_sharing="reduce"`` (K-FAC-reduce, Eschenhagen et al., 2023) takes the
+outer products after reducing the positions: A = Σ_i w_i ā_i ā_iᵀ with ā_i = (1/T) Σ_t ā_it
+and G = Σ_i w_i Σ_c ĝ_ic ĝ_icᵀ with ĝ_ic = Σ_t g_ict — exact for a point whose output
+gradients do not vary over positions (a linear network up to a pooling), and T times cheaper
+to accumulate: T·d² multiply-adds per point and layer become d², which on a full-width
+ResNet-18 at 28×28 is most of the factor pass. The weights w_i are the sampler's, so a
 Horvitz–Thompson subset (``logit-importance``) gives unbiased A and G.
 
 With A = Q_A diag(s_A) Q_Aᵀ and G = Q_G diag(s_G) Q_Gᵀ, the layer's block is
@@ -56,6 +62,8 @@ from repif.task import FunctionalModel
 KINDS = ("kfac", "ekfac")
 FISHER_MODES = ("exact", "sampled")
 OTHER_LAYERS = ("error", "identity", "frozen")
+#: How a layer applied at several positions (convolution, tokens) enters A and G (module doc).
+WEIGHT_SHARING = ("expand", "reduce")
 
 #: Bytes per activation element of one point alive while its chunk's factors are gathered: the
 #: forward values and what autograd saves (gradients.BACKWARD_OVERHEAD's 3) plus one backward's
@@ -341,6 +349,7 @@ class _Pass:
     fisher: str
     noise: Tensor | None
     progress: bool | None = False  # a bar per pass (see repif.progress.bar)
+    weight_sharing: str = "expand"
 
     def chunks(self, fm: FunctionalModel, layers: list[KroneckerLayer], desc: str
                ) -> Iterator[_Chunk]:
@@ -354,9 +363,10 @@ class _Pass:
 
 def _setup(fm: FunctionalModel, x: Any, y: Any, weights: Tensor, layers: list[KroneckerLayer],
            fisher: str, budget: MemoryBudget | None, seed: int, corrections: bool,
-           progress: bool | None = False) -> _Pass:
+           progress: bool | None = False, weight_sharing: str = "expand") -> _Pass:
     if fisher not in FISHER_MODES:
         raise ValueError(f"fisher must be one of {', '.join(FISHER_MODES)}, got {fisher!r}")
+    check_weight_sharing(weight_sharing)
     x, y = to_device(x, fm.device, fm.dtype), to_device(y, fm.device, fm.dtype)
     n = batch_len(y)
     if n == 0:
@@ -374,23 +384,32 @@ def _setup(fm: FunctionalModel, x: Any, y: Any, weights: Tensor, layers: list[Kr
     rows = _chunk_rows(fm, layers, x, budget, kept, corrections, n) if layers else n
     noise = _noise(fm, x, n, seed) if fisher == "sampled" else None
     w = weights.to(device=fm.device, dtype=fm.dtype)
-    return _Pass(x, y, w, rows, fisher, noise, progress)
+    return _Pass(x, y, w, rows, fisher, noise, progress, weight_sharing)
+
+
+def check_weight_sharing(value: str) -> None:
+    if value not in WEIGHT_SHARING:
+        raise ValueError(f"weight_sharing must be one of {', '.join(WEIGHT_SHARING)}, got "
+                         f"{value!r}")
 
 
 def kronecker_statistics(
     fm: FunctionalModel, x: Any, y: Any, weights: Tensor, layers: list[KroneckerLayer], *,
     fisher: str = "exact", budget: MemoryBudget | None = None, seed: int = 0,
+    weight_sharing: str = "expand",
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per layer the factors A (d, d) and G (out, out) on the points ``(x, y)`` (model inputs
     and targets) with ``weights`` (see the module doc). Over several processes each rank sums
     its share of the points and the sums are added."""
-    setup = _setup(fm, x, y, weights, layers, fisher, budget, seed, corrections=False)
+    setup = _setup(fm, x, y, weights, layers, fisher, budget, seed, corrections=False,
+                   weight_sharing=weight_sharing)
     return _factor_sums(fm, layers, setup)
 
 
 def _factor_sums(fm: FunctionalModel, layers: list[KroneckerLayer], setup: _Pass
                  ) -> tuple[list[Tensor], list[Tensor]]:
     dt, dev = fm.dtype, fm.device
+    reduce = setup.weight_sharing == "reduce"
     a_mats = [torch.zeros(layer.d, layer.d, dtype=dt, device=dev) for layer in layers]
     g_mats = [torch.zeros(layer.out, layer.out, dtype=dt, device=dev) for layer in layers]
     for chunk in setup.chunks(fm, layers, "K-FAC factors"):
@@ -400,12 +419,15 @@ def _factor_sums(fm: FunctionalModel, layers: list[KroneckerLayer], setup: _Pass
             if a is None:
                 continue  # not called in this forward: no statistics
             a3 = _inputs(layer, a)
+            if reduce:  # (b, 1, d): the mean over positions, then one outer product per point
+                a3 = a3.mean(1, keepdim=True)
             flat = (a3 * (w / a3.shape[1]).sqrt()[:, None, None]).reshape(-1, layer.d)
             a_mats[i] += flat.T @ flat
         for grads in chunk.passes:
             for i, layer in enumerate(layers):
                 if layer.module in grads:
-                    flat = _grads(layer, grads[layer.module]).reshape(-1, layer.out)
+                    g3 = _grads(layer, grads[layer.module])
+                    flat = (g3.sum(1) if reduce else g3).reshape(-1, layer.out)
                     g_mats[i] += flat.T @ flat
     a_mats = [distributed.all_reduce_sum(a) for a in a_mats]
     g_mats = [distributed.all_reduce_sum(g) for g in g_mats]
@@ -463,18 +485,19 @@ class LayerFactors:
 def fit_kronecker(
     fm: FunctionalModel, x: Any, y: Any, weights: Tensor, *, kind: str = "ekfac",
     fisher: str = "exact", other_layers: str = "error", budget: MemoryBudget | None = None,
-    seed: int = 0, progress: bool | None = False,
+    seed: int = 0, progress: bool | None = False, weight_sharing: str = "expand",
 ) -> KroneckerCurvature:
     """K-FAC (``kind="kfac"``) or EK-FAC (``"ekfac"``) of ``fm`` on the points ``(x, y)`` (the
     gathered subset's model inputs and targets) with the sampler's ``weights``: one pass for A
     and G, their eigendecompositions, and for EK-FAC a second pass for the eigenvalue
     corrections. ``seed`` drives the sampled Fisher's draws; ``progress`` shows a bar per pass
-    (:func:`repif.progress.bar`)."""
+    (:func:`repif.progress.bar`); ``weight_sharing`` is "expand" or "reduce" (module doc; it
+    changes the basis, not EK-FAC's exact per-point Λ)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     layers, others = kronecker_layers(fm, other_layers)
     setup = _setup(fm, x, y, weights, layers, fisher, budget, seed, corrections=kind == "ekfac",
-                   progress=progress)
+                   progress=progress, weight_sharing=weight_sharing)
     a_mats, g_mats = _factor_sums(fm, layers, setup)
     factors: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     for i in range(len(layers)):
@@ -490,7 +513,7 @@ def fit_kronecker(
     fitted = [LayerFactors(q_a, s_a, q_g, s_g, lam)
               for (q_a, s_a, q_g, s_g), lam in zip(factors, lams, strict=True)]
     return KroneckerCurvature(kind, fm, layers, fitted, others, other_layers, fisher,
-                              budget=budget)
+                              budget=budget, weight_sharing=weight_sharing)
 
 
 # --------------------------------------------------------------------------- the curvature
@@ -504,9 +527,11 @@ class KroneckerCurvature:
         self, kind: str, fm: FunctionalModel, layers: list[KroneckerLayer],
         factors: list[LayerFactors], others: list[tuple[str, int, int]], other_layers: str,
         fisher: str, *, weight_decay: float | None = None, budget: MemoryBudget | None = None,
+        weight_sharing: str = "expand",
     ) -> None:
         self.kind, self.fm, self.layers, self.factors = kind, fm, layers, factors
         self.others, self.other_layers, self.fisher = others, other_layers, fisher
+        self.weight_sharing = weight_sharing
         wd = fm.task.weight_decay if weight_decay is None else weight_decay
         self.weight_decay = float(wd)
         self.budget = budget or MemoryBudget.resolve(None, fm.device)
@@ -574,6 +599,7 @@ class KroneckerCurvature:
             for key in ("q_a", "s_a", "q_g", "s_g", "eigenvalues"):
                 tensors[f"{i}.{key}"] = getattr(f, key)
         meta = {"kind": self.kind, "fisher": self.fisher, "other_layers": self.other_layers,
+                "weight_sharing": self.weight_sharing,
                 "layers": [layer.describe() for layer in self.layers],
                 "others": [list(o) for o in self.others]}
         return tensors, meta
@@ -592,7 +618,8 @@ class KroneckerCurvature:
                      for k in ("q_a", "s_a", "q_g", "s_g", "eigenvalues")}
             factors.append(LayerFactors(**parts))
         return cls(meta["kind"], fm, layers, factors, others, meta["other_layers"],
-                   meta["fisher"], budget=budget)
+                   meta["fisher"], budget=budget,
+                   weight_sharing=meta.get("weight_sharing", "expand"))
 
 
 # --------------------------------------------------------------------------- caching

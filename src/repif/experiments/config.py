@@ -60,14 +60,15 @@ class StudyConfig:
     #: None keeps the library's default ("exact" output Hessian; other layers an error).
     fisher: str | None = None
     other_layers: str | None = None
+    weight_sharing: str | None = None
     #: Bytes each estimator may use per streamed chunk (repif.memory.MemoryBudget); None: a
     #: quarter of the free RAM (at most 1 GiB) or GPU memory.
     max_memory: int | None = None
 
     def kronecker_options(self) -> dict[str, str]:
         """The estimator's ``kronecker_options`` for this configuration (empty: defaults)."""
-        return {k: v for k, v in (("fisher", self.fisher), ("other_layers", self.other_layers))
-                if v is not None}
+        return {k: v for k, v in (("fisher", self.fisher), ("other_layers", self.other_layers),
+                                  ("weight_sharing", self.weight_sharing)) if v is not None}
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and the fix."""
@@ -95,9 +96,10 @@ class StudyConfig:
                 f"--curvature {self.curvature} cannot be solved by --solver {self.solver}: "
                 "kfac/ekfac take --solver eigen, and eigen takes only --curvature kfac or ekfac"
             )
-        if (self.fisher is not None or self.other_layers is not None) and not kronecker:
-            raise ValueError("--fisher and --other-layers configure --curvature kfac/ekfac; "
-                             f"leave them out with --curvature {self.curvature}")
+        if self.kronecker_options() and not kronecker:
+            raise ValueError("--fisher, --other-layers and --weight-sharing configure "
+                             f"--curvature kfac/ekfac; leave them out with --curvature "
+                             f"{self.curvature}")
         if self.max_memory is not None:
             MemoryBudget(self.max_memory)  # a bad figure fails here, naming the fix
         if self.fisher is not None and self.fisher not in kfac.FISHER_MODES:
@@ -106,6 +108,9 @@ class StudyConfig:
         if self.other_layers is not None and self.other_layers not in kfac.OTHER_LAYERS:
             raise ValueError(f"--other-layers must be one of {', '.join(kfac.OTHER_LAYERS)}, "
                              f"got {self.other_layers!r}")
+        if self.weight_sharing is not None and self.weight_sharing not in kfac.WEIGHT_SHARING:
+            raise ValueError(f"--weight-sharing must be one of {', '.join(kfac.WEIGHT_SHARING)}"
+                             f", got {self.weight_sharing!r}")
         if self.width is not None and (not _is_int(self.width) or self.width < 1):
             raise ValueError(
                 f"width must be a positive integer, got {self.width!r}; pass e.g. --width 16, or "
@@ -151,8 +156,8 @@ class StudyConfig:
     def cell_hash(self) -> str:
         """Hash of the fields that change a cell's numbers; cells are reused only if it matches."""
         d = {k: v for k, v in self.to_dict().items() if k not in _GRID_FIELDS}
-        for key in ("width", "fisher", "other_layers"):  # left out when unset, so results
-            if d[key] is None:                           # written before they existed resume
+        for key in ("width", "fisher", "other_layers", "weight_sharing"):  # left out when unset,
+            if d[key] is None:  # so results written before they existed resume
                 del d[key]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

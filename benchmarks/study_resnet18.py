@@ -49,7 +49,8 @@ COMMON = [
 #: runs in about an hour and a half per removed class; cpu-full: the full-width model (11.2M)
 #: with its references and one cell per sampler and size (class 0, one seed, one epoch — about
 #: two hours on 2 cores, where one full-width epoch takes ≈ 12 minutes); cuda: the full-width
-#: model and the full grid.
+#: model and the full grid; cpu-reduce: the cpu profile's class 0 with K-FAC-reduce, for random
+#: and logit-importance (to set beside the cpu profile's K-FAC-expand cells).
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {"out": "study-mnist-resnet18",
             "args": ["--width", "16", "--epochs", "2", "--sizes", "64,256,1024", "--seeds", "3",
@@ -57,6 +58,11 @@ PROFILES: dict[str, dict[str, Any]] = {
     "cpu-full": {"out": "study-mnist-resnet18-full",
                  "args": ["--width", "64", "--epochs", "1", "--sizes", "64,256,1024",
                           "--seeds", "1", "--remove", "0", "--device", "cpu", "--threads", "2"]},
+    "cpu-reduce": {"out": "study-mnist-resnet18-reduce",
+                   "args": ["--width", "16", "--epochs", "2", "--sizes", "64,256,1024",
+                            "--seeds", "3", "--remove", "0", "--device", "cpu", "--threads", "1",
+                            "--samplers", "random,logit-importance", "--weight-sharing",
+                            "reduce"]},
     "cuda": {"out": "study-mnist-resnet18-cuda",
              "args": ["--width", "64", "--epochs", "5", "--sizes", "64,128,256,512,1024,2048,4096",
                       "--seeds", "5", "--remove", "0,3", "--device", "cuda"]},

@@ -41,9 +41,10 @@ COMMON = [
     "--dataset", "mnist", "--model", "resnet18", "--batch-size", "128", "--lr", "1e-3",
     "--weight-decay", "5e-4", "--dtype", "float32", "--curvature", "kfac", "--solver", "eigen",
     "--fisher", "sampled", "--other-layers", "frozen", "--damping", "0.01",
-    "--samplers", "random,stratified,feature-kmeans,feature-herding,logit-stratified,"
-    "logit-importance",
 ]
+
+#: Every registered sampler, unless a profile names its own.
+ALL_SAMPLERS = "random,stratified,feature-kmeans,feature-herding,logit-stratified,logit-importance"
 
 #: cpu: width 16 (701k parameters), 2 epochs, three sizes and three seeds — what a 2-core CPU
 #: runs in about an hour and a half per removed class; cpu-full: the full-width model (11.2M)
@@ -71,7 +72,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def command(profile: str, data_dir: str) -> list[str]:
     p = PROFILES[profile]
-    return [sys.executable, "-m", "repif", "class-removal", *COMMON, *p["args"],
+    samplers = [] if "--samplers" in p["args"] else ["--samplers", ALL_SAMPLERS]
+    return [sys.executable, "-m", "repif", "class-removal", *COMMON, *samplers, *p["args"],
             "--data-dir", data_dir, "--out", str(RESULTS / p["out"])]
 
 

@@ -223,6 +223,21 @@ def test_remove_bad_arguments(linear, data):
         est.remove(torch.tensor([N]))
 
 
+def test_remove_with_a_precomputed_gradient(linear, data):
+    """gradient= reuses g (e.g. one pass for several estimators): the same model as computing
+    it; a wrong shape or a non-finite g is refused by name."""
+    est = _est(linear, data, damping=0.1)
+    removed = torch.tensor([1, 5, 9])
+    g = repif.unlearning.removal_gradient(est.fitter, removed)
+    want = torch.cat([p.flatten() for p in est.remove(removed, steps=2).parameters()])
+    got = torch.cat([p.flatten() for p in est.remove(removed, steps=2, gradient=g).parameters()])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"gradient must be a \(15,\) tensor.*got \(14,\)"):
+        est.remove(removed, gradient=g[:-1])
+    with pytest.raises(ValueError, match=r"gradient.*NaN"):
+        est.remove(removed, gradient=torch.full_like(g, float("nan")))
+
+
 def test_remove_leaves_too_few_points_for_the_sample(linear, data):
     est = _est(linear, data, sample_size=50)
     with pytest.raises(ValueError, match=r"sample_size=50 exceeds the 40 remaining"):

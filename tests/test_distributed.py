@@ -196,7 +196,8 @@ def test_torchrun_class_removal_writes_the_same_results(tmp_path):
         assert code == 0, err[-3000:]
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert a["config_hash"] == b["config_hash"]
-    varying = {"time_s", "peak_mem_bytes", "sample_time_s", "memory_method", "pool_pass_s"}
+    varying = {"time_s", "peak_mem_bytes", "sample_time_s", "memory_method", "pool_pass_s",
+               "gradient_s"}
     for rows in ("references", "cells"):
         assert len(a[rows]) == len(b[rows]) > 0
         for ra, rb in zip(a[rows], b[rows], strict=True):

@@ -42,7 +42,7 @@ BASE = dict(dataset="digits", model="mlp", remove=[0], samplers=["random", "logi
 ARGS = ["class-removal", "--dataset", "digits", "--model", "mlp", "--remove", "0",
         "--samplers", "random,logit-importance", "--sizes", "8", "--seeds", "3",
         "--epochs", "3", "--limit-train", "300", "--quiet"]
-VOLATILE = ("time_s", "peak_mem_bytes", "sample_time_s", "pool_pass_s")
+VOLATILE = ("time_s", "gradient_s", "peak_mem_bytes", "sample_time_s", "pool_pass_s")
 
 
 def config(**changes) -> StudyConfig:

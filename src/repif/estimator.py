@@ -451,15 +451,20 @@ class InfluenceEstimator:
         return TopK(lo.indices, lo.values, hi.indices, hi.values)
 
     # ------------------------------------------------------------------ removal
-    def remove(self, indices: Tensor, scale: float = 1.0, steps: int = 1) -> nn.Module:
+    def remove(self, indices: Tensor, scale: float = 1.0, steps: int = 1,
+               gradient: Tensor | None = None) -> nn.Module:
         """A new model with training points ``indices`` removed by Newton (influence) steps.
 
         See :func:`repif.unlearning.newton_removal` for the update and what ``scale`` (η) and
         ``steps`` do. The curvature must come from the remaining points R: if the estimator is not
         fitted, or its subset holds removed points, a subset of R is drawn for this call (with the
         same sampler, size and seed) and the estimator's own fit is left as it was.
+        ``gradient``: the first step's g for these indices at this model's parameters
+        (:func:`repif.unlearning.removal_gradient`), when already computed — e.g. once for
+        several estimators of the same model removing the same points; None computes it.
         """
-        return newton_removal(self.fitter, self._fitted, indices, scale=scale, steps=steps)
+        return newton_removal(self.fitter, self._fitted, indices, scale=scale, steps=steps,
+                              gradient=gradient)
 
 
 def _check_kronecker(curvature: str, kind: type[curvature_kinds.CurvatureKind], solver: str,

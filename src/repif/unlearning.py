@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from repif import distributed
 from repif.fitting import CurvatureFitter, FittedCurvature
 from repif.gradients import sum_gradient
-from repif.validation import check_finite_number, check_indices
+from repif.validation import check_finite, check_finite_number, check_indices
 
 
 def remaining_indices(n: int, removed: Tensor) -> Tensor:
@@ -52,11 +52,14 @@ def newton_removal(
     *,
     scale: float = 1.0,
     steps: int = 1,
+    gradient: Tensor | None = None,
 ) -> nn.Module:
     """A copy of the fitter's model with ``indices`` removed (see module doc).
 
     ``fitted`` is reused when its subset holds no removed point; otherwise (or when None) a
     subset of the remaining points R is drawn with the fitter's sampler, size and seed.
+    ``gradient`` (p,): g of :func:`removal_gradient` for these indices at the fitter's
+    parameters, if already computed; None computes it (a pass over the removed points).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -78,7 +81,17 @@ def newton_removal(
     if fitted is None or bool(torch.isin(fitted.subset.indices, removed).any()):
         fitted = fitter.draw(rest)  # the curvature must not see the removed points
     fm, wd = fitter.fm, fitter.fm.task.weight_decay
-    theta = fm.theta + scale * fitted.solve(removal_gradient(fitter, removed)[None])[0]
+    if gradient is None:
+        gradient = removal_gradient(fitter, removed)
+    elif not (isinstance(gradient, Tensor) and gradient.shape == fm.theta.shape):
+        raise ValueError(
+            f"gradient must be a ({fm.theta.numel()},) tensor, the removal_gradient of these "
+            f"indices at the model's parameters; got "
+            f"{tuple(gradient.shape) if isinstance(gradient, Tensor) else type(gradient).__name__}")
+    else:
+        check_finite(gradient, "gradient")
+        gradient = gradient.to(fm.theta)
+    theta = fm.theta + scale * fitted.solve(gradient[None])[0]
     theta = distributed.broadcast(theta)  # rank 0's: the same model on every rank
     for _ in range(steps - 1):
         fm_k = fm.at(theta)

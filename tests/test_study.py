@@ -160,6 +160,35 @@ def test_same_config_same_numbers(baseline, tmp_path):
 
 
 # --------------------------------------------------------------------------- resume
+def test_interrupted_retrain_keeps_the_full_pool_reference(baseline, tmp_path, monkeypatch):
+    """The full-pool solve is written before the retrain starts: an interrupt during the
+    retrain costs only the retrain, and the resumed run ends with the uninterrupted numbers."""
+    out = tmp_path / "retrain-interrupted"
+    original = Study._retrain
+
+    def interrupted(self, cls, rest):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Study, "_retrain", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(), out)
+    partial = read(out)
+    assert [(r["removed_class"], r["kind"]) for r in partial["references"]] == [
+        (config().remove[0], "full")] and partial["cells"] == []
+    references: list[str] = []
+
+    def counting_reference(self, cls, *args):
+        references.append(cls)
+        return original_reference(self, cls, *args)
+
+    original_reference = Study._reference
+    monkeypatch.setattr(Study, "_retrain", original)
+    monkeypatch.setattr(Study, "_reference", counting_reference)
+    final = run(config(), out)
+    assert config().remove[0] not in references  # resumed from the stored full-pool solve
+    assert stable(final) == stable(read(baseline[0]))
+
+
 def test_resume_after_interruption(baseline, tmp_path, monkeypatch):
     out = tmp_path / "interrupted"
     calls: list[tuple] = []

@@ -543,24 +543,27 @@ class Study:
         bar = tqdm(total=len(grid), desc="cells", disable=not self.progress,
                    initial=len(done))
         for cls, (removed, rest) in splits.items():
-            refs = [r for r in results["references"] if r["removed_class"] == cls]
+            kinds = {r["kind"]: r for r in results["references"] if r["removed_class"] == cls}
             saved = self._reference_path(cls)
-            tensors, why = self._read_vectors(saved, ("full", cls)) if refs else (None, "")
+            tensors, why = (self._read_vectors(saved, ("full", cls)) if "full" in kinds
+                            else (None, ""))
             if tensors is not None:  # resuming: g and v_R were stored with the references
                 self.g, self.v_full = (tensors[k].to(self.device, self.dtype) for k in "gv")
             else:
-                if refs:
+                if "full" in kinds:
                     log.warning("the stored full-pool solve of class %d is %s; recomputing the "
                                 "references", cls, why)
-                full = self._reference(cls, removed, rest)
+                kinds = {"full": self._reference(cls, removed, rest)}
                 io.save_tensors_atomic(saved, {"g": self.g.cpu(), "v": self.v_full.cpu()},
                                        self._vector_meta(("full", cls)))
-                refs = [full, self._retrain(cls, rest)]
                 results["references"] = [r for r in results["references"]
-                                         if r["removed_class"] != cls]
-                results["references"] += refs
+                                         if r["removed_class"] != cls] + [kinds["full"]]
+                # kept now, so an interrupted retrain below does not cost the full-pool solve
                 io.write_json_atomic(path, results)
-            scale = next(r["scale"] for r in refs if r["kind"] == "full")
+            if "retrain" not in kinds:
+                results["references"].append(self._retrain(cls, rest))
+                io.write_json_atomic(path, results)
+            scale = kinds["full"]["scale"]
             # samplers innermost, so that drift in machine load hits every sampler alike
             for seed, m, spec in itertools.product(range(c.seeds), c.sizes, c.samplers):
                 key = (cls, spec, m, seed)

@@ -81,6 +81,25 @@ def _pct(v: float) -> str:
     return "—" if v is None or math.isnan(v) else f"{100 * v:.1f}%"
 
 
+def _num(v: float | None) -> str:
+    """Three decimals, or a dash where there is no value (e.g. a seed spread of one seed)."""
+    return "—" if v is None or math.isnan(v) else f"{v:.3f}"
+
+
+def _num_params(results: dict[str, Any]) -> int:
+    """The model's trainable parameters: as the finished run records them, or (a run still
+    going) counted on the same architecture for MNIST's 1×28×28 inputs and 10 classes."""
+    if "num_params" in results:
+        return int(results["num_params"])
+    from types import SimpleNamespace
+
+    from repif import models
+
+    mnist = SimpleNamespace(input_shape=(1, 28, 28), num_classes=10)
+    cfg = results["config"]
+    return models.num_parameters(models.build(cfg["model"], mnist, width=cfg["width"]))
+
+
 def summarise(profile: str) -> Path:
     """Rewrite ``<out>.md`` from ``<out>/results.json``: the table with both F1s, the
     references, the headline against random beside the published figures, update ÷ retrain."""
@@ -115,7 +134,7 @@ def summarise(profile: str) -> Path:
         f"Reproduce: `python benchmarks/study_resnet18.py {profile} --data-dir DIR`, which runs "
         "`" + " ".join(["python", *command(profile, "DIR")[1:]]).replace(
             str(RESULTS), "benchmarks/results") + "`", "",
-        f"{results.get('num_params', '?')} parameters (width {cfg['width']}); removed classes "
+        f"{_num_params(results):,} parameters (width {cfg['width']}); removed classes "
         f"{sorted({c['removed_class'] for c in results['cells']})} of {cfg['remove']}; "
         f"{len(results['cells'])} cells over {len(points)} (class, sampler, m) points; "
         f"curvature {cfg['curvature']} ({cfg.get('fisher') or 'exact'} output Hessian), "
@@ -137,7 +156,7 @@ def summarise(profile: str) -> Path:
             f"| {r['sampler']} | {r['sample_size']} | {r['n']} | {r['f1']:.3f} ± "
             f"{r['f1_std']:.3f} | {r['f1_literature']:.3f} | {r['forget']:.3f} | "
             f"{r['consistency']:.3f} | {r['ihvp_rel_error']:.3f} ± {r['ihvp_rel_error_std']:.3f}"
-            f" | {r.get('seed_spread', float('nan')):.3f} | {r['time_s']:.1f} | "
+            f" | {_num(r.get('seed_spread'))} | {r['time_s']:.1f} | "
             f"{time_shared[r['sampler'], r['sample_size']]:.1f} | "
             f"{r['peak_mem_bytes'] / 2**20:.0f} |")
     for kind, r in refs.items():

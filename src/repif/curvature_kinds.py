@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from repif import kfac
 from repif.registry import Registry
+from repif.validation import check_choice
 
 if TYPE_CHECKING:
     from repif.fitting import CurvatureFitter
@@ -72,13 +73,9 @@ class KFAC(CurvatureKind):
 
     def __init__(self, fisher: str = "exact", other_layers: str = "error",
                  cache_dir: str | None = None, weight_sharing: str = "expand") -> None:
-        if fisher not in kfac.FISHER_MODES:
-            raise ValueError(f"fisher must be one of {', '.join(kfac.FISHER_MODES)}, got "
-                             f"{fisher!r}")
-        if other_layers not in kfac.OTHER_LAYERS:
-            raise ValueError(f"other_layers must be one of {', '.join(kfac.OTHER_LAYERS)}, "
-                             f"got {other_layers!r}")
-        kfac.check_weight_sharing(weight_sharing)
+        check_choice(fisher, kfac.FISHER_MODES, "fisher")
+        check_choice(other_layers, kfac.OTHER_LAYERS, "other_layers")
+        check_choice(weight_sharing, kfac.WEIGHT_SHARING, "weight_sharing")
         self.fisher, self.other_layers, self.cache_dir = fisher, other_layers, cache_dir
         self.weight_sharing = weight_sharing
 

@@ -45,6 +45,7 @@ from repif.samplers import Pool, Subset
 from repif.task import ClassificationTask, FunctionalModel, Task
 from repif.unlearning import newton_removal
 from repif.validation import (
+    check_choice,
     check_count,
     check_finite,
     check_finite_number,
@@ -189,9 +190,7 @@ class InfluenceEstimator:
     def _engine(self, per_sample: str) -> LayerGradientEngine | None:
         """The hook-based per-sample engine ("hooks", or "auto" where the model is eligible and
         agrees with torch.func on a probe of the first training points), else None."""
-        if per_sample not in PER_SAMPLE_ENGINES:
-            raise ValueError(f"per_sample must be one of {', '.join(PER_SAMPLE_ENGINES)}, "
-                             f"got {per_sample!r}")
+        check_choice(per_sample, PER_SAMPLE_ENGINES, "per_sample")
         if per_sample == "func":
             return None
         probe = self.source.gather(torch.arange(min(PROBE_POINTS, len(self.source))))

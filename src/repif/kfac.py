@@ -58,6 +58,7 @@ from repif.io import environment_metadata, load_tensors, save_tensors_atomic
 from repif.memory import MemoryBudget
 from repif.progress import bar as progress_bar
 from repif.task import FunctionalModel
+from repif.validation import check_choice
 
 KINDS = ("kfac", "ekfac")
 FISHER_MODES = ("exact", "sampled")
@@ -136,9 +137,7 @@ def kronecker_layers(
     """The model's Kronecker layers (in parameter order) and the (name, offset, numel) of every
     trainable parameter outside them. With ``other_layers="error"`` the latter must be empty:
     a ValueError lists the layers and the options."""
-    if other_layers not in OTHER_LAYERS:
-        raise ValueError(f"other_layers must be one of {', '.join(OTHER_LAYERS)}, got "
-                         f"{other_layers!r}")
+    check_choice(other_layers, OTHER_LAYERS, "other_layers")
     offsets: dict[str, tuple[int, int]] = {}
     off = 0
     for name, numel in zip(fm.space.names, fm.space.numels, strict=True):
@@ -364,9 +363,8 @@ class _Pass:
 def _setup(fm: FunctionalModel, x: Any, y: Any, weights: Tensor, layers: list[KroneckerLayer],
            fisher: str, budget: MemoryBudget | None, seed: int, corrections: bool,
            progress: bool | None = False, weight_sharing: str = "expand") -> _Pass:
-    if fisher not in FISHER_MODES:
-        raise ValueError(f"fisher must be one of {', '.join(FISHER_MODES)}, got {fisher!r}")
-    check_weight_sharing(weight_sharing)
+    check_choice(fisher, FISHER_MODES, "fisher")
+    check_choice(weight_sharing, WEIGHT_SHARING, "weight_sharing")
     x, y = to_device(x, fm.device, fm.dtype), to_device(y, fm.device, fm.dtype)
     n = batch_len(y)
     if n == 0:
@@ -385,12 +383,6 @@ def _setup(fm: FunctionalModel, x: Any, y: Any, weights: Tensor, layers: list[Kr
     noise = _noise(fm, x, n, seed) if fisher == "sampled" else None
     w = weights.to(device=fm.device, dtype=fm.dtype)
     return _Pass(x, y, w, rows, fisher, noise, progress, weight_sharing)
-
-
-def check_weight_sharing(value: str) -> None:
-    if value not in WEIGHT_SHARING:
-        raise ValueError(f"weight_sharing must be one of {', '.join(WEIGHT_SHARING)}, got "
-                         f"{value!r}")
 
 
 def kronecker_statistics(
@@ -493,8 +485,7 @@ def fit_kronecker(
     corrections. ``seed`` drives the sampled Fisher's draws; ``progress`` shows a bar per pass
     (:func:`repif.progress.bar`); ``weight_sharing`` is "expand" or "reduce" (module doc; it
     changes the basis, not EK-FAC's exact per-point Λ)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    check_choice(kind, KINDS, "kind")
     layers, others = kronecker_layers(fm, other_layers)
     setup = _setup(fm, x, y, weights, layers, fisher, budget, seed, corrections=kind == "ekfac",
                    progress=progress, weight_sharing=weight_sharing)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from repif.gradients import per_sample_gradients
 from repif.task import FunctionalModel
+from repif.validation import check_choice
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.Embedding)
 
@@ -97,9 +98,7 @@ class LayerGradientEngine:
 
     @conv_scores.setter
     def conv_scores(self, route: str) -> None:
-        if route not in CONV_SCORE_ROUTES:
-            raise ValueError(f"conv_scores must be one of {', '.join(CONV_SCORE_ROUTES)}, "
-                             f"got {route!r}")
+        check_choice(route, CONV_SCORE_ROUTES, "conv_scores")
         self._conv_scores = route
 
     def conv_route(self, m: nn.Conv2d, a: Tensor, g: Tensor, k: int) -> str:

@@ -91,6 +91,12 @@ def check_indices(indices: Tensor, n: int, what: str = "indices") -> Tensor:
         raise ValueError(f"{what} contain {bad}, outside the {n} training points [0, {n})")
     return idx
 
+def check_choice(value: object, choices: tuple[str, ...], what: str) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices``, naming them."""
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def check_finite_number(value: object, what: str) -> None:
     """Raise unless ``value`` is a real, finite number (bools refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -11,6 +11,7 @@ from typing import Any
 
 from repif import curvature_kinds, kfac, samplers, solvers
 from repif.memory import MemoryBudget
+from repif.validation import check_choice
 
 #: Suffix on a sampler name that turns on the diagonal shrinkage fill (``shrinkage="auto"``).
 SHRINK_SUFFIX = "+shrink"
@@ -102,15 +103,12 @@ class StudyConfig:
                              f"{self.curvature}")
         if self.max_memory is not None:
             MemoryBudget(self.max_memory)  # a bad figure fails here, naming the fix
-        if self.fisher is not None and self.fisher not in kfac.FISHER_MODES:
-            raise ValueError(f"--fisher must be one of {', '.join(kfac.FISHER_MODES)}, got "
-                             f"{self.fisher!r}")
-        if self.other_layers is not None and self.other_layers not in kfac.OTHER_LAYERS:
-            raise ValueError(f"--other-layers must be one of {', '.join(kfac.OTHER_LAYERS)}, "
-                             f"got {self.other_layers!r}")
-        if self.weight_sharing is not None and self.weight_sharing not in kfac.WEIGHT_SHARING:
-            raise ValueError(f"--weight-sharing must be one of {', '.join(kfac.WEIGHT_SHARING)}"
-                             f", got {self.weight_sharing!r}")
+        for value, choices, flag in ((self.fisher, kfac.FISHER_MODES, "--fisher"),
+                                     (self.other_layers, kfac.OTHER_LAYERS, "--other-layers"),
+                                     (self.weight_sharing, kfac.WEIGHT_SHARING,
+                                      "--weight-sharing")):
+            if value is not None:
+                check_choice(value, choices, flag)
         if self.width is not None and (not _is_int(self.width) or self.width < 1):
             raise ValueError(
                 f"width must be a positive integer, got {self.width!r}; pass e.g. --width 16, or "

@@ -232,8 +232,10 @@ def test_remove_with_a_precomputed_gradient(linear, data):
     want = torch.cat([p.flatten() for p in est.remove(removed, steps=2).parameters()])
     got = torch.cat([p.flatten() for p in est.remove(removed, steps=2, gradient=g).parameters()])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match=r"gradient must be a \(15,\) tensor.*got \(14,\)"):
+    with pytest.raises(ValueError, match=r"gradient has shape \(14,\) but the model has 15 "):
         est.remove(removed, gradient=g[:-1])
+    with pytest.raises(ValueError, match=r"gradient must be one \(15,\) vector.*\(2, 15\)"):
+        est.remove(removed, gradient=torch.stack([g, g]))
     with pytest.raises(ValueError, match=r"gradient.*NaN"):
         est.remove(removed, gradient=torch.full_like(g, float("nan")))
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from repif import distributed
 from repif.fitting import CurvatureFitter, FittedCurvature
 from repif.gradients import sum_gradient
-from repif.validation import check_finite, check_finite_number, check_indices
+from repif.validation import check_finite_number, check_indices, check_vector
 
 
 def remaining_indices(n: int, removed: Tensor) -> Tensor:
@@ -83,14 +83,13 @@ def newton_removal(
     fm, wd = fitter.fm, fitter.fm.task.weight_decay
     if gradient is None:
         gradient = removal_gradient(fitter, removed)
-    elif not (isinstance(gradient, Tensor) and gradient.shape == fm.theta.shape):
-        raise ValueError(
-            f"gradient must be a ({fm.theta.numel()},) tensor, the removal_gradient of these "
-            f"indices at the model's parameters; got "
-            f"{tuple(gradient.shape) if isinstance(gradient, Tensor) else type(gradient).__name__}")
     else:
-        check_finite(gradient, "gradient")
-        gradient = gradient.to(fm.theta)
+        rows = check_vector(gradient, fm.theta.numel(), "gradient")
+        if gradient.ndim != 1:
+            raise ValueError(f"gradient must be one ({fm.theta.numel()},) vector, the "
+                             f"removal_gradient of these indices; got shape "
+                             f"{tuple(gradient.shape)}")
+        gradient = rows[0].to(fm.theta)
     theta = fm.theta + scale * fitted.solve(gradient[None])[0]
     theta = distributed.broadcast(theta)  # rank 0's: the same model on every rank
     for _ in range(steps - 1):

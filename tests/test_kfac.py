@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _kronecker_reference import hand_factors
 from torch import nn
 
 import repif
@@ -47,47 +48,6 @@ def _permutation(layers: list[kfac.KroneckerLayer], p: int) -> torch.Tensor:
     return torch.cat([used, rest])
 
 
-def _hand_factors(model: nn.Module, layers, x, y, w, task: Task):
-    """A and G per layer, by hand: inputs from forward hooks; per point i and output row c the
-    gradient of (B_i f_i)_c with respect to each layer's output through a zero probe added to
-    that output (one autograd call per point and row)."""
-    mods = [layer.module for layer in layers]
-    out_a = [torch.zeros(layer.d, layer.d, dtype=torch.float64) for layer in layers]
-    out_g = [torch.zeros(layer.out, layer.out, dtype=torch.float64) for layer in layers]
-    acts, probes = {}, {}
-
-    def hook(m, ins, out):
-        acts[m] = ins[0].detach()
-        probes[m] = torch.zeros_like(out, requires_grad=True)
-        return out + probes[m]
-
-    for i in range(x.shape[0]):
-
-        handles = [m.register_forward_hook(hook) for m in mods]
-        f = model(x[i : i + 1])
-        for h in handles:
-            h.remove()
-        b = task.output_hessian_factor(f.detach(), y[i : i + 1])[0]
-        for li, (layer, m) in enumerate(zip(layers, mods, strict=True)):
-            a = acts[m]
-            if isinstance(m, nn.Conv2d):
-                cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding,
-                                stride=m.stride)[0].T  # (P, d_w)
-            else:
-                cols = a.reshape(-1, a.shape[-1])
-            if layer.bias_offset is not None:
-                cols = torch.cat([cols, torch.ones(cols.shape[0], 1, dtype=cols.dtype)], 1)
-            out_a[li] += w[i] * cols.T @ cols / cols.shape[0]
-        for c in range(b.shape[0]):
-            grads = torch.autograd.grad((b[c] * f[0]).sum(), [probes[m] for m in mods],
-                                        retain_graph=True)
-            for li, (m, g) in enumerate(zip(mods, grads, strict=True)):
-                g = g[0].reshape(g.shape[1], -1).T if isinstance(m, nn.Conv2d) else g.reshape(
-                    -1, g.shape[-1])
-                out_g[li] += w[i] * g.T @ g
-    return out_a, out_g
-
-
 class _CNN(nn.Sequential):
     def __init__(self) -> None:
         super().__init__(
@@ -113,7 +73,7 @@ def test_kfac_equals_its_dense_kronecker_construction(arch):
     fm = FunctionalModel(model, task)
     layers, others = kfac.kronecker_layers(fm)
     assert not others and len(layers) == (2 if arch == "mlp" else 4)
-    a_ref, g_ref = _hand_factors(model, layers, x, y, w, task)
+    a_ref, g_ref = hand_factors(model, layers, x, y, w, task)
     a_got, g_got = kfac.kronecker_statistics(fm, x, y, w, layers)
     for a, b in zip(a_got + g_got, a_ref + g_ref, strict=True):
         assert _rel(a, b) < 1e-12

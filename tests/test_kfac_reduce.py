@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _kronecker_reference import hand_factors
 from torch import nn
 
 import repif
@@ -33,46 +33,6 @@ def _block(fm: FunctionalModel, layer: kfac.KroneckerLayer, dense: torch.Tensor)
     return dense[idx[:, None], idx[None, :]]
 
 
-def _hand_reduce(model: nn.Module, layers, x, y, w, task) -> tuple[list, list]:
-    """A = Σ w_i ā_i ā_iᵀ (ā_i the mean patch) and G = Σ w_i Σ_c ĝ_ic ĝ_icᵀ (ĝ_ic the sum over
-    positions of ∂(B_i f_i)_c/∂ layer output), point by point."""
-    mods = [layer.module for layer in layers]
-    a_out = [torch.zeros(layer.d, layer.d, dtype=torch.float64) for layer in layers]
-    g_out = [torch.zeros(layer.out, layer.out, dtype=torch.float64) for layer in layers]
-    acts, probes = {}, {}
-
-    def hook(m, ins, out):
-        acts[m] = ins[0].detach()
-        probes[m] = torch.zeros_like(out, requires_grad=True)
-        return out + probes[m]
-
-    for i in range(x.shape[0]):
-        handles = [m.register_forward_hook(hook) for m in mods]
-        f = model(x[i : i + 1])
-        for h in handles:
-            h.remove()
-        for li, (layer, m) in enumerate(zip(layers, mods, strict=True)):
-            a = acts[m]
-            if isinstance(m, nn.Conv2d):
-                cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding,
-                                stride=m.stride)[0].T
-            else:
-                cols = a.reshape(-1, a.shape[-1])
-            if layer.bias_offset is not None:
-                cols = torch.cat([cols, torch.ones(cols.shape[0], 1, dtype=cols.dtype)], 1)
-            mean = cols.mean(0)
-            a_out[li] += w[i] * torch.outer(mean, mean)
-        b = task.output_hessian_factor(f.detach(), y[i : i + 1])[0]
-        for c in range(b.shape[0]):
-            grads = torch.autograd.grad((b[c] * f[0]).sum(), [probes[m] for m in mods],
-                                        retain_graph=True)
-            for li, (m, g) in enumerate(zip(mods, grads, strict=True)):
-                total = g[0].reshape(g.shape[1], -1).sum(1) if isinstance(m, nn.Conv2d) \
-                    else g.reshape(-1, g.shape[-1]).sum(0)
-                g_out[li] += w[i] * torch.outer(total, total)
-    return a_out, g_out
-
-
 def test_reduce_factors_match_the_hand_construction(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -86,7 +46,7 @@ def test_reduce_factors_match_the_hand_construction(monkeypatch):
     task = ClassificationTask(weight_decay=0.01)
     fm = FunctionalModel(model, task)
     layers, _ = kfac.kronecker_layers(fm)
-    a_ref, g_ref = _hand_reduce(model, layers, x, y, w, task)
+    a_ref, g_ref = hand_factors(model, layers, x, y, w, task, "reduce")
     a_got, g_got = kfac.kronecker_statistics(fm, x, y, w, layers, weight_sharing="reduce")
     for got, want in zip(a_got + g_got, a_ref + g_ref, strict=True):
         assert _rel(got, want) < 1e-12

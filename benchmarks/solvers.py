@@ -1,6 +1,7 @@
 """Solver benchmark: time, peak memory and accuracy of each inverse-HVP solver.
 
     python benchmarks/solvers.py --out benchmarks/results
+    python benchmarks/solvers.py --problems digits-mlp --solvers lissa-batch64  # rows replaced
 
 For the digits MLP and a Fashion-MNIST CNN (5,000 training images), curvature on the same
 fixed random subset of CURVATURE_POINTS training points for every solver, GGN, damping 0.01 +
@@ -36,23 +37,29 @@ SOLVERS = {
     "woodbury": {},
     "cg": {"tol": 1e-8, "max_iter": 5000},
     "lissa": {"depth": 5000, "tol": 1e-8},
-    "lissa-batch64": {"depth": 2000, "batch_size": 64, "repeats": 2, "tol": 0.0},
+    "lissa-batch64": {"depth": 2000, "solver_options": {"batch_size": 64}, "repeats": 2,
+                      "tol": 0.0},
     "arnoldi": {"rank": 100},
     "identity": {},
 }
 
 
-def problems(cache: Path) -> dict[str, tuple]:
+def digits_mlp(cache: Path) -> tuple:
     digits = datasets.load("digits")
     mlp = training.load_or_train(digits, "mlp", seed=0, weight_decay=WEIGHT_DECAY,
                                  cache_dir=cache).double()
+    return mlp, digits, CURVATURE_POINTS
+
+
+def fashion_cnn(cache: Path) -> tuple:
     fashion = datasets.load("fashion-mnist", limit_train=5000, limit_test=500)
     cnn = training.load_or_train(fashion, "cnn", seed=0, epochs=10, lr=3e-3,
                                  weight_decay=WEIGHT_DECAY, cache_dir=cache).double()
-    return {
-        "digits-mlp": (mlp, digits, CURVATURE_POINTS),
-        "fashion-cnn": (cnn, fashion, CURVATURE_POINTS),
-    }
+    return cnn, fashion, CURVATURE_POINTS
+
+
+#: Problem name → builder (model, data, curvature points), built only when selected.
+PROBLEMS = {"digits-mlp": digits_mlp, "fashion-cnn": fashion_cnn}
 
 
 def overhead_ratio(est: repif.InfluenceEstimator, g: torch.Tensor, steps: int = 200) -> dict:
@@ -85,9 +92,10 @@ def overhead_ratio(est: repif.InfluenceEstimator, g: torch.Tensor, steps: int = 
             "overhead_ratio": lissa / (sum(solver.steps_taken) * per_product)}
 
 
-def run(out: Path, cache: Path) -> list[dict]:
+def run(cache: Path, problems: list[str], solvers: list[str]) -> list[dict]:
     rows = []
-    for pname, (model, ds, m) in problems(cache).items():
+    for pname in problems:
+        model, ds, m = PROBLEMS[pname](cache)
         x, y = ds.train[0].double(), ds.train[1]
         test = (ds.test[0][:RHS].double(), ds.test[1][:RHS])
         kw = dict(damping=DAMPING, weight_decay=WEIGHT_DECAY, curvature="ggn",
@@ -95,7 +103,8 @@ def run(out: Path, cache: Path) -> list[dict]:
         ref_est = repif.InfluenceEstimator(model, (x, y), solver="direct", **kw)
         g = ref_est.test_gradients(test)
         v_ref = ref_est.inverse_hvp(g)
-        for sname, opts in SOLVERS.items():
+        for sname in solvers:
+            opts = SOLVERS[sname]
             solver = sname.split("-")[0]
             est = repif.InfluenceEstimator(model, (x, y), solver=solver, **kw, **opts)
             with measure() as fit_m:
@@ -131,15 +140,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--cache", default=".repif-cache")
+    ap.add_argument("--problems", default=",".join(PROBLEMS),
+                    help=f"comma-separated subset of {', '.join(PROBLEMS)}")
+    ap.add_argument("--solvers", default=",".join(SOLVERS),
+                    help=f"comma-separated subset of {', '.join(SOLVERS)}; rows of a partial "
+                         "run replace their namesakes in an existing solvers.json")
     args = ap.parse_args()
+    problems, solvers = args.problems.split(","), args.solvers.split(",")
+    for name, known in ((problems, PROBLEMS), (solvers, SOLVERS)):
+        bad = sorted(set(name) - set(known))
+        if bad:
+            ap.error(f"unknown {', '.join(bad)}; known: {', '.join(known)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = run(out, Path(args.cache))
+    fresh = run(Path(args.cache), problems, solvers)
+    done = {(r["problem"], r["solver"]) for r in fresh}
+    old = out / "solvers.json"
+    prev = json.loads(old.read_text()) if old.exists() else {}
+    kept = [r for r in prev.get("rows", []) if (r["problem"], r["solver"]) not in done]
+    order = {(p, s): i for i, (p, s) in enumerate(
+        (p, s) for p in PROBLEMS for s in SOLVERS)}
+    rows = sorted(kept + fresh, key=lambda r: order.get((r["problem"], r["solver"]), len(order)))
     io.write_json_atomic(out / "solvers.json", {
+        **{k: v for k, v in prev.items() if k == "incomplete"},
         "damping": DAMPING, "weight_decay": WEIGHT_DECAY, "rhs": RHS,
         "threads": torch.get_num_threads(), "environment": io.environment_metadata(),
         "rows": rows})
-    (out / "solvers.md").write_text(markdown(rows))
+    note = f"\n{prev['incomplete']}\n" if "incomplete" in prev else ""
+    (out / "solvers.md").write_text(markdown(rows) + note)
     print(markdown(rows))
 
 

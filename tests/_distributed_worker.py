@@ -66,7 +66,8 @@ def compare(out: Path) -> None:
     res["ihvp_woodbury"] = wood.inverse_hvp(g[:3])
     direct = _estimator(model, ds, solver="direct", sampler="random", sample_size=32)
     res["ihvp_direct"] = direct.inverse_hvp(g[:2])  # the dense Gram sum, all-reduced
-    lissa = _estimator(model, ds, solver="lissa", batch_size=16, depth=40, tol=0.0)
+    lissa = _estimator(model, ds, solver="lissa", solver_options={"batch_size": 16}, depth=40,
+                       tol=0.0)
     res["ihvp_lissa"] = lissa.inverse_hvp(g[:3])  # mini-batches: lockstep
     res["self_influence_lissa"] = lissa.self_influence(torch.arange(6))
     removed = torch.nonzero(ds.train[1] == 3).flatten()

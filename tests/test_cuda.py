@@ -23,7 +23,8 @@ def problem():
 
 
 @pytest.mark.parametrize("solver,extra", [("cg", {"tol": 1e-10}), ("woodbury", {}),
-                                          ("lissa", {"depth": 50, "batch_size": 16})])
+                                          ("lissa", {"depth": 50,
+                                                     "solver_options": {"batch_size": 16}})])
 def test_cuda_matches_cpu(problem, solver, extra):
     ds, model = problem
     kw = dict(damping=0.1, solver=solver, sampler="logit-importance", sample_size=32, seed=1,

@@ -106,11 +106,22 @@ def test_ranks_hold_identical_results(runs):
         assert torch.equal(rank0[key], rank1[key]), key
 
 
-@pytest.mark.parametrize("key", ["subset_importance", "weights_importance", "subset_kmeans",
-                                 "weights_kmeans", "logits", "features"])
-def test_subsets_and_pool_statistics_are_bit_identical(runs, key):
+#: Pool statistics and sampler weights from one process against two: the same sums over
+#: other chunk compositions (and per-process thread counts), so they may differ in the last
+#: bits on some processors; 1e-12 relative is far below any difference a sampler could act on.
+CROSS_PROCESS_RTOL = 1e-12
+
+
+@pytest.mark.parametrize("key", ["subset_importance", "subset_kmeans"])
+def test_subsets_are_identical(runs, key):
     single, sharded, _ = runs
     assert torch.equal(single[key], sharded[key])
+
+
+@pytest.mark.parametrize("key", ["weights_importance", "weights_kmeans", "logits", "features"])
+def test_weights_and_pool_statistics_agree(runs, key):
+    single, sharded, _ = runs
+    torch.testing.assert_close(sharded[key], single[key], rtol=CROSS_PROCESS_RTOL, atol=0)
 
 
 @pytest.mark.parametrize("key", [

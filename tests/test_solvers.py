@@ -95,7 +95,8 @@ def test_lissa_full_batch_matches_direct(digits_mlp, reference):
     (1.25 × (λ_max + λ) ≈ 0.75), depth 600, tol 1e-7: the contraction factor is 1 − λ/scale
     ≈ 0.96, so ~300 steps reach the early-stopping test. Measured error ≈ 3e-6."""
     _, g, v = reference
-    est = _estimator(digits_mlp, "lissa", depth=600, batch_size=None, scale="auto", tol=1e-7)
+    est = _estimator(digits_mlp, "lissa", depth=600, solver_options={"batch_size": None},
+                     scale="auto", tol=1e-7)
     assert _rel(est.inverse_hvp(g[:2]), v[:2]) <= 1e-4  # acceptance bound: 1e-2
 
 
@@ -104,7 +105,8 @@ def test_lissa_minibatch_within_loose_bound(digits_mlp, reference):
     4 repeats averaged, scale="auto". Each repeat is an unbiased but noisy estimate; measured
     row errors 0.03-0.05 with 4 repeats (0.05-0.15 with 1). Bound: 0.15 and cosine ≥ 0.98."""
     _, g, v = reference
-    est = _estimator(digits_mlp, "lissa", depth=300, repeats=4, batch_size=64)
+    est = _estimator(digits_mlp, "lissa", depth=300, repeats=4, solver_options={"batch_size": 64})
+    assert est.solver.batch_size == 64
     got = est.inverse_hvp(g[1])
     assert _rel(got, v[1]) <= 0.15
     assert float(torch.nn.functional.cosine_similarity(got, v[1], dim=0)) >= 0.98
@@ -112,8 +114,10 @@ def test_lissa_minibatch_within_loose_bound(digits_mlp, reference):
 
 def test_lissa_same_seed_is_bit_identical(digits_mlp, reference):
     _, g, _ = reference
-    a = _estimator(digits_mlp, "lissa", depth=40, batch_size=16).inverse_hvp(g[0])
-    b = _estimator(digits_mlp, "lissa", depth=40, batch_size=16).inverse_hvp(g[0])
+    a = _estimator(digits_mlp, "lissa", depth=40, solver_options={"batch_size": 16})
+    b = _estimator(digits_mlp, "lissa", depth=40, solver_options={"batch_size": 16})
+    assert a.solver.batch_size == b.solver.batch_size == 16
+    a, b = a.inverse_hvp(g[0]), b.inverse_hvp(g[0])
     assert torch.equal(a, b)
 
 
@@ -123,7 +127,8 @@ def test_lissa_minibatches_follow_the_estimator_seed(digits_mlp, reference):
     # sample_size=None: the subset (whole pool) does not depend on the seed, only the batches do
     out = [
         repif.InfluenceEstimator(
-            model, train, damping=LAMBDA, solver="lissa", depth=40, batch_size=16, seed=s,
+            model, train, damping=LAMBDA, solver="lissa", depth=40, seed=s,
+            solver_options={"batch_size": 16},
         ).fit(pool=torch.arange(SUBSET)).inverse_hvp(g[0])
         for s in (0, 1)
     ]

@@ -100,7 +100,10 @@ def test_shared_pool_statistics_give_the_subset_and_solve_of_a_fresh_pass(proble
     shared.fit(pool)
     assert shared.fitter.statistics_used
     assert torch.equal(fresh.fitted.subset.indices, shared.fitted.subset.indices)
-    assert torch.equal(fresh.fitted.subset.weights, shared.fitted.subset.weights)
+    # the weights come from logits of other chunk compositions (a pass over the pool against
+    # one over every point): equal up to the last bits on some processors
+    torch.testing.assert_close(shared.fitted.subset.weights, fresh.fitted.subset.weights,
+                               rtol=1e-12, atol=0)
     g = torch.randn(2, fresh.fm.theta.numel(), dtype=torch.float64,
                     generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(shared.inverse_hvp(g), fresh.inverse_hvp(g))

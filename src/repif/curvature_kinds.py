@@ -18,7 +18,6 @@ A kind is a small class with a ``name`` (registering it), its options as keyword
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -130,17 +129,10 @@ def get(name: str) -> type[CurvatureKind]:
 
 
 def accepted_options(name: str) -> list[str]:
-    params = inspect.signature(REGISTRY.get(name).__init__).parameters
-    return [p for p in params if p not in ("self", "args", "kwargs")]
+    """The keyword options a registered curvature kind takes."""
+    return REGISTRY.accepted_options(name)
 
 
 def build(name: str, options: dict[str, Any] | None = None) -> CurvatureKind:
     """Instantiate a registered kind, rejecting options it does not take by name."""
-    cls = REGISTRY.get(name)
-    options = dict(options or {})
-    accepted = accepted_options(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise TypeError(f"curvature {name!r} does not take option(s) {', '.join(unknown)}; "
-                        f"it takes: {', '.join(accepted) or 'none'}")
-    return cls(**options)
+    return REGISTRY.build(name, options)

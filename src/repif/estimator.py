@@ -89,8 +89,10 @@ class InfluenceEstimator:
     ``batch_size`` caps it.
     The caller's model is copied (and put in eval mode); it is never modified. ``fit(pool)``
     draws the curvature subset from ``pool`` and prepares the solver; every method that needs it
-    fits on all training points first if you have not called ``fit``. Extra keyword arguments
-    go to the solver.
+    fits on all training points first if you have not called ``fit``. ``solver_options`` (a
+    dict) and extra keyword arguments go to the solver; an option the solver does not take is
+    an error naming the solver, and ``batch_size`` with a solver that has its own (LiSSA's
+    mini-batch) must be placed explicitly (``solver_options={"batch_size": 16}``).
 
     ``curvature="kfac"`` or ``"ekfac"`` fits Kronecker factors of the GGN on the subset (with
     the sampler's weights) and needs ``solver="eigen"``; ``solver="cg"`` or ``"lissa"`` with
@@ -127,9 +129,11 @@ class InfluenceEstimator:
         sampler_options: dict[str, Any] | None = None,
         kronecker_options: dict[str, Any] | None = None,
         pool_statistics: tuple[Tensor, Tensor, Tensor] | None = None,
-        **solver_options: Any,
+        solver_options: dict[str, Any] | None = None,
+        **options: Any,
     ) -> None:
         kind = curvature_kinds.get(curvature)  # unknown names list the known ones
+        solver_options = _solver_options(solver, solver_options, options, batch_size)
         check_finite_number(damping, "damping")
         if not damping >= 0:
             raise ValueError(f"damping must be ≥ 0, got {damping}; a typical value is 1e-3–1e-1")
@@ -464,6 +468,35 @@ class InfluenceEstimator:
         """
         return newton_removal(self.fitter, self._fitted, indices, scale=scale, steps=steps,
                               gradient=gradient)
+
+
+def _solver_options(solver: str, given: dict[str, Any] | None, loose: dict[str, Any],
+                    batch_size: int | None) -> dict[str, Any]:
+    """The solver's options: ``solver_options`` merged with the loose keyword arguments.
+
+    A name both the estimator and the solver take (LiSSA's ``batch_size``, its mini-batch,
+    against the estimator's cap on streamed chunks) would be bound to the estimator by Python
+    and never reach the solver; passing it loose with such a solver is therefore refused unless
+    ``solver_options`` says what the solver gets, so no option lands in the wrong component.
+    """
+    if given is not None and not isinstance(given, dict):
+        raise TypeError(f"solver_options must be a dict, got {type(given).__name__}")
+    given = dict(given or {})
+    twice = sorted(set(given) & set(loose))
+    if twice:
+        raise TypeError(f"solver option(s) {', '.join(twice)} given both loose and in "
+                        "solver_options; pass each once")
+    merged = {**given, **loose}
+    if (batch_size is not None and "batch_size" not in merged
+            and "batch_size" in _solvers.accepted_options(solver)):
+        raise TypeError(
+            f"batch_size={batch_size!r} is ambiguous with solver={solver!r}: the estimator's "
+            "batch_size caps its streamed chunks, the solver's is its mini-batch. Pass "
+            f"solver_options={{'batch_size': {batch_size!r}}} for the solver's mini-batches; "
+            "to cap the chunks as well, give both (solver_options={'batch_size': None} keeps "
+            "the solver full-batch)"
+        )
+    return merged
 
 
 def _check_kronecker(curvature: str, kind: type[curvature_kinds.CurvatureKind], solver: str,

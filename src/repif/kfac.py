@@ -459,7 +459,9 @@ def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (clipped at 0: the factor is PSD, negatives are round-off) and eigenvectors
     of a symmetric matrix, computed in float64 and returned in its dtype."""
     vals, vecs = torch.linalg.eigh((0.5 * (m + m.T)).double())
-    return vals.clamp_min(0).to(m.dtype), vecs.to(m.dtype)
+    # contiguous: a basis read back from the factor cache is contiguous, and the same layout
+    # makes the same kernels run, so a cached fit solves bit for bit as the fresh one
+    return vals.clamp_min(0).to(m.dtype), vecs.to(m.dtype).contiguous()
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,16 @@
 """A tiny name → class registry shared by solvers and samplers.
 
 Subclasses register themselves by declaring a class attribute ``name``; abstract bases leave it
-unset. Looking up an unknown name raises a :class:`ValueError` that lists the known ones.
+unset. Looking up an unknown name raises a :class:`ValueError` that lists the known ones, and
+building one with an option its constructor does not take raises a :class:`TypeError` that
+names the component and the options it does take (one check for solvers, samplers and
+curvatures).
 """
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+import inspect
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -32,3 +36,22 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return list(self._classes)
+
+    def accepted_options(self, name: str) -> list[str]:
+        """The keyword options the class registered as ``name`` takes."""
+        params = inspect.signature(self.get(name).__init__).parameters
+        return [p for p, spec in params.items() if p != "self"
+                and spec.kind not in (spec.VAR_POSITIONAL, spec.VAR_KEYWORD)]
+
+    def build(self, name: str, options: dict[str, Any] | None = None) -> Any:
+        """An instance of ``name`` with ``options``; an option it does not take is a
+        :class:`TypeError` naming the component and the options it takes."""
+        options = dict(options or {})
+        accepted = self.accepted_options(name)
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise TypeError(
+                f"{self.kind} {name!r} does not take option(s) {', '.join(unknown)}; "
+                f"it takes: {', '.join(accepted) or 'none'}"
+            )
+        return self.get(name)(**options)

@@ -136,7 +136,8 @@ class Sampler(ABC):
 
 
 def build(name: str, options: dict[str, Any] | None = None) -> Sampler:
-    return REGISTRY.get(name)(**(options or {}))
+    """Instantiate a registered sampler, rejecting options it does not take by name."""
+    return REGISTRY.build(name, options)
 
 
 def proportional_allocation(

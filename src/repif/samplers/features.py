@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from repif.samplers.base import Pool, Sampler, proportional_allocation
+from repif.validation import check_choice, check_count
 
 #: Default number of k-means clusters, capped by m: enough strata to separate the classes'
 #: feature modes (≈ 3 per class for 10 classes) without spending k-means time on tiny clusters.
@@ -28,11 +29,8 @@ class FeatureKMeansSampler(Sampler):
     name = "feature-kmeans"
 
     def __init__(self, n_clusters: int = DEFAULT_CLUSTERS, pick: str = "uniform") -> None:
-        if pick not in ("uniform", "nearest"):
-            raise ValueError(f"pick must be 'uniform' or 'nearest', got {pick!r}")
-        if n_clusters <= 0:
-            raise ValueError(f"n_clusters must be positive, got {n_clusters}")
-        self.n_clusters, self.pick = n_clusters, pick
+        check_choice(pick, ("uniform", "nearest"), "pick")
+        self.n_clusters, self.pick = check_count(n_clusters, "n_clusters"), pick
 
     def _select(self, pool: Pool, m: int, rng: np.random.Generator):
         feats = pool.features.double().numpy()
@@ -67,7 +65,7 @@ class FeatureHerdingSampler(Sampler):
     name = "feature-herding"
 
     def __init__(self, n_features: int = HERDING_FEATURES) -> None:
-        self.n_features = n_features
+        self.n_features = check_count(n_features, "n_features")
 
     def _select(self, pool: Pool, m: int, rng: np.random.Generator):
         x = pool.features.double().numpy()

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from repif.samplers.base import Pool, Sampler, proportional_allocation, stratified_draw
+from repif.validation import check_count
 
 LOGIT_STATISTICS = ("confidence", "margin", "entropy")
 PROXIES = ("gini", "gini-feature")
@@ -53,9 +54,7 @@ class LogitStratifiedSampler(Sampler):
         if statistic not in LOGIT_STATISTICS:
             known = ", ".join(LOGIT_STATISTICS)
             raise ValueError(f"unknown statistic {statistic!r}; known: {known}")
-        if n_bins <= 0:
-            raise ValueError(f"n_bins must be positive, got {n_bins}")
-        self.statistic, self.n_bins = statistic, n_bins
+        self.statistic, self.n_bins = statistic, check_count(n_bins, "n_bins")
 
     def _select(self, pool: Pool, m: int, rng: np.random.Generator):
         # Two levels, so a small m still spreads over the classes: allocate across classes
@@ -111,6 +110,8 @@ class LogitImportanceSampler(Sampler):
     def __init__(self, proxy: str = "gini", self_normalize: bool = True) -> None:
         if proxy not in PROXIES:
             raise ValueError(f"unknown proxy {proxy!r}; known: {', '.join(PROXIES)}")
+        if not isinstance(self_normalize, bool):
+            raise TypeError(f"self_normalize must be True or False, got {self_normalize!r}")
         self.proxy, self.self_normalize = proxy, self_normalize
 
     def _select(self, pool: Pool, m: int, rng: np.random.Generator):

@@ -9,7 +9,6 @@ and ≥ 0, scales finite and > 0.
 
 from __future__ import annotations
 
-import inspect
 import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -146,19 +145,9 @@ class Solver(ABC):
 
 def accepted_options(name: str) -> list[str]:
     """The keyword options a registered solver takes."""
-    cls = REGISTRY.get(name)
-    params = inspect.signature(cls.__init__).parameters
-    return [p for p in params if p not in ("self", "args", "kwargs")]
+    return REGISTRY.accepted_options(name)
 
 
 def build(name: str, options: dict[str, Any]) -> Solver:
     """Instantiate a registered solver, rejecting options it does not take by name."""
-    cls = REGISTRY.get(name)
-    accepted = accepted_options(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise TypeError(
-            f"solver {name!r} does not take option(s) {', '.join(unknown)}; "
-            f"it takes: {', '.join(accepted) or 'none'}"
-        )
-    return cls(**options)
+    return REGISTRY.build(name, options)

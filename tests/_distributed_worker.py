@@ -9,6 +9,10 @@ repif.distributed.run_launched, as ``python -m repif`` does); without them it ru
   LiSSA on mini-batches, remove() and its F1), saved to OUT/rank<r>.pt.
 * ``raise`` / ``kill``: rank 1 raises (or kills itself) while rank 0 computes influence
   scores; rank 0 must stop with an error naming the failure instead of waiting.
+* ``api-raise``: the same failure in a user's own script (the group made by
+  ``init_from_env``, no ``run_launched`` around it).
+* ``other-data`` / ``other-labels`` / ``other-seed`` / ``other-test``: rank 1 is given other
+  training inputs, other labels, another seed or other test points; every rank must refuse.
 """
 
 from __future__ import annotations
@@ -90,14 +94,38 @@ def fail(out: Path, how: str) -> None:
     (out / "rank0.finished").write_text("should not get here")
 
 
+def differ(out: Path, what: str) -> None:
+    ds, model = _setup()
+    (x, y), (x_test, y_test) = ds.train, ds.test
+    other = distributed.rank() == 1
+    if other and what == "other-data":
+        x = x + 1e-3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    if other and what == "other-labels":
+        y = y.clone()
+        y[100] = (y[100] + 1) % 10
+    seed = 1 if other and what == "other-seed" else 0
+    if other and what == "other-test":
+        x_test = x_test.flip(0)
+    est = repif.InfluenceEstimator(model, (x, y), solver="cg", sample_size=64, seed=seed,
+                                   damping=0.01)
+    est.influence((x_test[:4], y_test[:4]))
+    (out / f"rank{distributed.rank()}.finished").write_text("should not get here")
+
+
 def main() -> int:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     if scenario == "compare":
         compare(out)
+    elif scenario.startswith("other-"):
+        differ(out, scenario)
     else:
         fail(out, scenario)
     return 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "api-raise":  # a user's script: the group and nothing around it
+        distributed.init_from_env()
+        fail(Path(sys.argv[2]), "raise")
+        sys.exit(0)
     sys.exit(distributed.run_launched(main))

@@ -39,7 +39,8 @@ def main() -> int:
     res["pcg_ihvp_1"] = pcg.inverse_hvp(g[0])  # one right-hand side: lockstep products
     res["pcg_ihvp_5"] = pcg.inverse_hvp(g)  # five: split across the ranks
     lissa = repif.InfluenceEstimator(model, ds.train, solver="lissa", preconditioner="ekfac",
-                                     batch_size=16, depth=30, tol=0.0, **base)
+                                     solver_options={"batch_size": 16}, depth=30, tol=0.0,
+                                     **base)
     res["plissa_ihvp"] = lissa.inverse_hvp(g[:3])  # mini-batches: lockstep
     fm = ek.fm
     x, y = ds.train[0][:50].double(), ds.train[1][:50]

@@ -160,6 +160,36 @@ def test_failing_rank_stops_every_rank(tmp_path, how):
     assert elapsed < WORKER_COLLECTIVE_TIMEOUT_S + 30  # setup time; no wait for the timeout
 
 
+@pytest.mark.slow
+def test_failing_rank_in_a_users_script_stops_every_rank(tmp_path):
+    """The same failure in a script that made the group itself (no run_launched): the
+    uncaught exception aborts the group, so rank 0 stops at once naming rank 1."""
+    start = time.monotonic()
+    results = _wait(_launch([str(WORKER), "api-raise", str(tmp_path)], 2, tmp_path),
+                    LAUNCH_TIMEOUT_S)
+    elapsed = time.monotonic() - start
+    (code0, err0), (code1, err1) = results
+    assert code0 != 0 and code1 != 0
+    assert not (tmp_path / "rank0.finished").exists()
+    assert "injected failure on rank 1" in err1
+    assert "because rank 1 failed" in err0, err0[-3000:]
+    assert elapsed < WORKER_COLLECTIVE_TIMEOUT_S  # stopped by the abort, not the timeout
+
+
+@pytest.mark.parametrize("what,message", [
+    ("other-data", "other training data"), ("other-labels", "other training data"),
+    ("other-seed", "other estimator options"),
+    pytest.param("other-test", "other test data", marks=pytest.mark.slow)])
+def test_ranks_given_other_data_or_options_refuse(tmp_path, what, message):
+    """A rank given other points, labels, seed or test set would be silently overruled or
+    mixed in; every rank refuses instead, naming rank 1."""
+    results = _wait(_launch([str(WORKER), what, str(tmp_path)], 2, tmp_path), LAUNCH_TIMEOUT_S)
+    for rank, (code, _) in enumerate(results):
+        assert code != 0, f"rank {rank} exited 0"
+        assert not (tmp_path / f"rank{rank}.finished").exists()
+    assert f"rank(s) 1 hold {message} than rank 0" in results[0][1], results[0][1][-3000:]
+
+
 # --------------------------------------------------------------------------- in one process
 def test_helpers_are_identities_without_a_process_group():
     t = torch.arange(7.0)

@@ -9,6 +9,7 @@ curvature subset (m points) is ever collated whole (docs/design.md, "Scale").
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -22,6 +23,13 @@ from repif.validation import as_torch_data
 
 Batch = Any
 Collate = Callable[[list[Any]], Batch]
+
+#: Tensors up to this size are hashed whole by :meth:`DataSource.fingerprint` (hashing runs at
+#: roughly 1 GB/s, so at most a fraction of a second); larger ones by a spread of points.
+FINGERPRINT_FULL_BYTES = 256 * 2**20
+
+#: Points a fingerprint reads from a Dataset or a large tensor, spread evenly over the data.
+FINGERPRINT_POINTS = 16
 
 
 def batch_len(batch: Batch) -> int:
@@ -166,6 +174,27 @@ class DataSource:
                 self.validate(batch)
             yield offset, batch
             offset += batch_len(batch)
+
+    def fingerprint(self) -> str:
+        """A SHA-256 of the number of points and of their contents: tensors up to
+        FINGERPRINT_FULL_BYTES whole, larger ones and Datasets by FINGERPRINT_POINTS points
+        spread over the data (another order, other points or noise show either way). Used to
+        check that several processes were given the same data."""
+        h = hashlib.sha256(f"{len(self)}".encode())
+        n = len(self)
+        spread = torch.linspace(0, n - 1, min(n, FINGERPRINT_POINTS)).round().long().unique()
+        if self.dataset is not None:
+            leaves = tree_flatten(self.gather(spread))[0]
+        else:
+            whole = list(self.tensors) if self.tensors is not None else tree_flatten(self.batch)[0]
+            leaves = [t if t.numel() * t.element_size() <= FINGERPRINT_FULL_BYTES
+                      else t[spread.to(t.device)] for t in whole]
+        for t in leaves:
+            if isinstance(t, Tensor):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def first(self) -> Batch:
         """A batch holding the first point (to probe shapes and activation sizes)."""

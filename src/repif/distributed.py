@@ -61,13 +61,42 @@ class DistributedError(RuntimeError):
 def is_distributed() -> bool:
     """Whether repif shards its work: a default process group of more than one process is
     initialised (and we are not inside :func:`local`)."""
-    return (
+    sharded = (
         _local_depth == 0
         and dist is not None
         and dist.is_available()
         and dist.is_initialized()
         and dist.get_world_size() > 1
     )
+    if sharded:
+        _abort_on_uncaught_exception()
+    return sharded
+
+
+_hook_installed = False
+
+
+def _abort_on_uncaught_exception() -> None:
+    """Make an exception that ends this process (uncaught, e.g. in a user's script under
+    ``torchrun``) abort the process group first, so that the other ranks stop at their next
+    collective naming this rank instead of waiting out the timeout. Installed once, the first
+    time repif shards work (whoever created the group)."""
+    global _hook_installed
+    if _hook_installed:
+        return
+    _hook_installed = True
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], err: BaseException, tb: Any) -> None:
+        first = not isinstance(err, DistributedError)  # else another rank failed first
+        if first:
+            with contextlib.suppress(Exception):
+                print(f"repif: rank {dist.get_rank()} failed; stopping the other ranks",
+                      file=sys.stderr)
+        abort(record=first)
+        previous(kind, err, tb)
+
+    sys.excepthook = hook
 
 
 def rank() -> int:
@@ -257,6 +286,25 @@ def _object_device() -> torch.device | None:
     return None if _backend_has("cpu") else torch.device("cuda", torch.cuda.current_device())
 
 
+def check_agree(what: str, fingerprint: str) -> None:
+    """Raise ValueError on every rank unless all ranks hold the same ``fingerprint`` of
+    ``what`` (their data, their options): a rank given other data or another seed would
+    otherwise be overruled by rank 0's subset and weights, or mixed into its sums, silently."""
+    if not is_distributed():
+        return
+    prints: list[Any] = [None] * world_size()
+    with _collective(f"checking that the ranks agree on {what}"):
+        dist.all_gather_object(prints, fingerprint)
+    differ = [r for r, f in enumerate(prints) if f != prints[0]]
+    if differ:
+        ranks = ", ".join(map(str, differ))
+        raise ValueError(
+            f"rank(s) {ranks} hold other {what} than rank 0: every rank must be given the "
+            "same data (same points, same order) and the same options, seed included; repif "
+            "shards the work itself"
+        )
+
+
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     """Overwrite every parameter and buffer of ``module`` with rank ``src``'s, in place."""
     if not is_distributed():
@@ -322,15 +370,18 @@ def shutdown() -> None:
     dist.destroy_process_group()
 
 
-def abort() -> None:
-    """Leave a failing run: record this rank as the failed one (for the others' messages) and
-    tear the process group down at once, so that ranks waiting in a collective fail now
-    instead of at the timeout."""
+def abort(record: bool = True) -> None:
+    """Leave a failing run: record this rank as the failed one (for the others' messages;
+    ``record=False`` when another rank failed first) and tear the process group down at once,
+    so that ranks waiting in a collective fail now instead of at the timeout."""
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return
     with contextlib.suppress(Exception):
-        store = dist.distributed_c10d._get_default_store()
-        store.set(FAILED_KEY, str(dist.get_rank()))
+        if record:
+            store = dist.distributed_c10d._get_default_store()
+            store.set_timeout(datetime.timedelta(seconds=STORE_PROBE_S))
+            if not store.check([FAILED_KEY]):  # the first failure keeps its name
+                store.set(FAILED_KEY, str(dist.get_rank()))
     aborter = getattr(dist.distributed_c10d, "_abort_process_group", None)
     try:
         if aborter is not None:
@@ -366,7 +417,7 @@ def run_launched(main: Callable[[], int]) -> int:
         code = main()
     except DistributedError as err:  # another rank failed first
         print(f"repif: error: {err}", file=sys.stderr)
-        abort()
+        abort(record=False)
         return 1
     except BaseException:
         print(f"repif: rank {me} failed; stopping the other ranks", file=sys.stderr)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from repif.data import Batch
 from repif.params import ParameterSpace
@@ -255,11 +255,40 @@ class FunctionalModel:
 
     def losses(self, theta: Tensor, inputs: Any, targets: Any) -> Tensor:
         """(n,) per-sample losses at ``theta``."""
-        return self.task.loss_from_output(self.output(theta, inputs), targets)
+        output = self.output(theta, inputs)
+        return _per_point(self.task.loss_from_output(output, targets), output, "loss_from_output")
 
     def queries(self, theta: Tensor, inputs: Any, targets: Any) -> Tensor:
         """(n,) per-sample query measurements at ``theta`` (default: the losses)."""
-        return self.task.query_from_output(self.output(theta, inputs), targets)
+        output = self.output(theta, inputs)
+        return _per_point(self.task.query_from_output(output, targets), output,
+                          "query_from_output")
+
+    @torch.no_grad()
+    def check_task(self, inputs: Any, targets: Any) -> None:
+        """Run the task's loss and query on a few points (``inputs``, ``targets``) and raise a
+        ValueError naming the fix if they fail, are not one value per point (a batch mean, the
+        commonest slip, would make every removal step the wrong length), or are not finite."""
+        output = self.output(self.theta, inputs)
+        for what in ("loss_from_output", "query_from_output"):
+            try:
+                values = getattr(self.task, what)(output, targets)
+            except (RuntimeError, TypeError, IndexError, ValueError) as err:
+                raise ValueError(
+                    f"{type(self.task).__name__}.{what} fails on the first training points "
+                    f"(targets {_describe(targets)}): {type(err).__name__}: {err}. Return one "
+                    "loss per point from the model output and targets of a batch; check the "
+                    "targets' dtype (class labels are integers, regression targets floats)"
+                ) from err
+            values = _per_point(values, output, what)
+            bad = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
+            if bad:
+                raise ValueError(
+                    f"{type(self.task).__name__}.{what} is not finite (NaN or inf) for the "
+                    f"first training point(s) {bad}: check the data and the model's parameters "
+                    "(a model whose loss is not finite at its own training points has no "
+                    "influence to measure)"
+                )
 
     @torch.no_grad()
     def activation_numel(self, inputs: Any) -> int:
@@ -309,6 +338,27 @@ class FunctionalModel:
         finally:
             handle.remove()
         return out, captured[0]
+
+
+def _per_point(values: Any, output: Tensor, what: str) -> Tensor:
+    """``values`` if it holds one floating-point value per row of ``output``, else ValueError."""
+    n = output.shape[0] if output.ndim else 1
+    if not isinstance(values, Tensor) or values.shape != (n,) or not values.is_floating_point():
+        got = (f"shape {tuple(values.shape)} ({values.dtype})" if isinstance(values, Tensor)
+               else type(values).__name__)
+        raise ValueError(
+            f"the task's {what} must return one floating-point value per point, shape ({n},), "
+            f"for a batch of {n}; got {got}. A loss averaged or summed over the batch (e.g. "
+            "F.cross_entropy(output, y) with its default reduction='mean') makes every removal "
+            "step the wrong length: pass reduction='none'"
+        )
+    return values
+
+
+def _describe(t: Any) -> str:
+    """A short description of a tensor tree (dtype and shape of each tensor leaf)."""
+    leaves = [x for x in tree_flatten(t)[0] if isinstance(x, Tensor)]
+    return ", ".join(f"{x.dtype} {tuple(x.shape)}" for x in leaves) or type(t).__name__
 
 
 def _call(inputs: Any) -> str:

@@ -42,6 +42,12 @@ def removal_gradient(fitter: CurvatureFitter, removed: Tensor) -> Tensor:
         raise ValueError("cannot remove every training point: nothing would remain to fit")
     fm = fitter.fm
     total = sum_gradient(fm, fitter.source, removed, fitter.budget, fitter.cost)
+    if not bool(torch.isfinite(total).all()):
+        raise ValueError(
+            f"the loss gradient summed over the {n_s} removed points is not finite (NaN or "
+            "inf): an input, target or loss among them is not finite. Clean or drop those "
+            "points; a non-finite gradient would otherwise make the update meaningless"
+        )
     return (total / n_s + fm.task.weight_decay * fm.theta) * (n_s / n_r)
 
 

@@ -104,7 +104,17 @@ class Solver(ABC):
         """Work done once per fit; default none."""
 
     def solve(self, g: Tensor) -> Tensor:
-        """(k, p) right-hand sides → (k, p) solutions, checked (see module doc)."""
+        """(k, p) right-hand sides → (k, p) solutions, checked (see module doc). A right-hand
+        side with NaN or inf is refused: an iterative solver would otherwise read its NaN norm
+        as zero and return zero, a silent wrong answer."""
+        bad = ~torch.isfinite(g.reshape(g.shape[0], -1) if g.ndim else g.reshape(1, -1)).all(1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{int(bad.sum())} of {bad.numel()} right-hand side(s) given to solver "
+                f"{self.name!r} hold NaN or inf (rows {torch.nonzero(bad).flatten().tolist()[:10]})"
+                ": their gradients are not finite, so an input, target or loss is. Clean the "
+                "data, or check the model's parameters"
+            )
         v = self._solve(g)
         self._check(g, v)
         return v

@@ -38,8 +38,10 @@ def main() -> int:
     pcg = repif.InfluenceEstimator(model, ds.train, solver="cg", preconditioner="ekfac", **base)
     res["pcg_ihvp_1"] = pcg.inverse_hvp(g[0])  # one right-hand side: lockstep products
     res["pcg_ihvp_5"] = pcg.inverse_hvp(g)  # five: split across the ranks
+    # batches of 32 of the 64 subset points: with 16, preconditioned LiSSA at scale="auto"
+    # diverges on this model (measured), which is the solver's own error, not this test's topic
     lissa = repif.InfluenceEstimator(model, ds.train, solver="lissa", preconditioner="ekfac",
-                                     solver_options={"batch_size": 16}, depth=30, tol=0.0,
+                                     solver_options={"batch_size": 32}, depth=30, tol=0.0,
                                      **base)
     res["plissa_ihvp"] = lissa.inverse_hvp(g[:3])  # mini-batches: lockstep
     fm = ek.fm

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from repif import samplers
 from repif.curvature import CurvatureOperator
 from repif.estimator import InfluenceEstimator
+from repif.fitting import candidate_pool
 from repif.samplers import Pool
 from repif.samplers.logits import inclusion_probabilities
 
@@ -484,3 +485,49 @@ def test_logit_importance_curvature_product_is_unbiased():
     _assert_unbiased(products, truth)
     se = products.std(0) / seeds**0.5
     assert float((products.mean(0) - truth).norm()) <= 2.0 * float(se.norm())
+
+
+# ------------------------------------------------------------------------------ two-phase
+@pytest.mark.parametrize("name,options", [("logit-importance", {"self_normalize": False}),
+                                          ("logit-stratified", {})])
+def test_two_phase_draws_stay_unbiased_for_the_whole_pool(digits_mlp, name, options):
+    """candidates=c: the sampler picks m of c·m uniform candidates, reading only their
+    statistics. Its weights estimate the candidates' mean, which estimates the pool's without
+    bias, so Σ_T w_i G_i stays unbiased for the whole pool's mean. 2,000 seeds, 4.5 SE."""
+    model, (x, y), _ = digits_mlp
+    n, m = 300, 10
+    est = InfluenceEstimator(model, (x[:n], y[:n]), sampler=name, sampler_options=options,
+                                   sample_size=m, candidates=4)
+    est.fitter.use_statistics(est.pool_statistics())  # 2,000 draws without 2,000 passes
+    per_point = _per_point_vectors(n, seed=7)
+    draws = [est.fitter.select(seed=s) for s in range(2000)]
+    sums = torch.stack([d.weights @ per_point[d.indices] for d in draws])
+    _assert_unbiased(sums, per_point.mean(0))
+    # the draws really are two-phase: each seed's subset lies in its own 40 candidates
+    cands = candidate_pool(torch.arange(n), m, 4, seed=3)
+    assert cands.numel() == 40 and bool(torch.isin(draws[3].indices, cands).all())
+    assert len({tuple(d.indices.tolist()) for d in draws[:50]}) == 50
+
+
+def test_two_phase_reads_only_the_candidates_and_keeps_the_seed_contract(digits_mlp):
+    model, train, _ = digits_mlp
+    kw = dict(sampler="logit-importance", sample_size=16, candidates=8, seed=5)
+    est = InfluenceEstimator(model, train, **kw)
+    seen = []
+    original = est.fitter.pool_statistics
+    est.fitter.pool_statistics = lambda idx: (seen.append(idx.clone()), original(idx))[1]
+    first = est.fitter.select()
+    assert [s.numel() for s in seen] == [128]  # 8 × 16 candidates, not the 1,437 points
+    again = InfluenceEstimator(model, train, **kw).fitter.select()
+    assert torch.equal(first.indices, again.indices) and torch.equal(first.weights,
+                                                                     again.weights)
+    # the same subset whether the statistics come from a pass or were shared
+    shared = InfluenceEstimator(model, train, pool_statistics=est.pool_statistics(), **kw)
+    assert torch.equal(shared.fitter.select().indices, first.indices)
+    # a pool no larger than c·m: the sampler sees the whole pool, as without candidates
+    small = torch.arange(100)
+    whole = InfluenceEstimator(model, train, **{**kw, "candidates": None})
+    assert torch.equal(est.fitter.select(small).indices, whole.fitter.select(small).indices)
+    for bad in (0.5, float("nan"), "8"):
+        with pytest.raises((TypeError, ValueError), match="candidates"):
+            InfluenceEstimator(model, train, **{**kw, "candidates": bad})

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -102,6 +103,10 @@ class InfluenceEstimator:
     or "reduce": K-FAC-reduce, far cheaper on convolutions) and ``cache_dir`` (see
     :mod:`repif.curvature_kinds`). ``pool_statistics`` (from another estimator's
     :meth:`pool_statistics`, same model and data) spares the logit/feature samplers their pass.
+    ``candidates`` (a factor c ≥ 1) makes such a sampler pick its ``sample_size`` points from
+    c·``sample_size`` candidates drawn uniformly from the pool, so its pass reads those only
+    (two-phase sampling: the weighted subset still estimates the pool's curvature without
+    bias); None reads the whole pool.
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class InfluenceEstimator:
         sampler_options: dict[str, Any] | None = None,
         kronecker_options: dict[str, Any] | None = None,
         pool_statistics: tuple[Tensor, Tensor, Tensor] | None = None,
+        candidates: float | None = None,
         solver_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
@@ -175,16 +181,22 @@ class InfluenceEstimator:
                                  num_workers=num_workers)
         if self.source.tensors is not None:
             check_finite(self.source.tensors[0], "training inputs")
+        distributed.check_agree("training data", self.source.fingerprint())
+        distributed.check_agree("estimator options", _options_fingerprint(
+            curvature, damping, solver, solver_options, sampler, sampler_options, sample_size,
+            seed, shrinkage, self.task.weight_decay, kronecker_options, candidates))
         inputs, targets = split_batch(self.fm, self.source.first())
         self.output_dim = self.fm.output_dim(inputs)  # a model that fails on the data: one error
         if self.source.tensors is not None and type(self.task).split is Task.split:
             self.task.check_targets(self.source.tensors[-1], self.output_dim)
         else:
             self.task.check_targets(targets, self.output_dim)
+        self.fm.check_task(inputs, targets)  # one loss per point, finite: else one error
         self.source.validate = self._validate_batch
         self.cost = CostModel(self.fm, inputs, self._engine(per_sample))
         options = FitOptions(curvature, float(damping), solver, dict(solver_options),
-                             self.sampler, sample_size, seed, shrinkage, kronecker_options)
+                             self.sampler, sample_size, seed, shrinkage, kronecker_options,
+                             _check_candidates(candidates))
         self.fitter = CurvatureFitter(self.fm, self.source, options, self.budget, self.cost,
                                       self.output_dim, progress=progress)
         if pool_statistics is not None:
@@ -353,12 +365,18 @@ class InfluenceEstimator:
             if type(self.task).split is Task.split:
                 self.task.check_targets(source.tensors[-1], self.output_dim)
         self.fm.output_dim(split_batch(self.fm, source.first())[0])  # wrong shapes: one error
+        distributed.check_agree("test data", source.fingerprint())
         source.validate = self._validate_batch
         return source
 
     def _validate_batch(self, batch: Any) -> None:
-        """Targets of a batch gathered from a Dataset: checked as they stream past."""
-        self.task.check_targets(self.task.split(batch)[1], self.output_dim)
+        """A batch gathered from a Dataset, checked as it streams past as the tensor path is
+        checked up front: finite floating-point inputs, valid targets."""
+        inputs, targets = self.task.split(batch)
+        for leaf in tree_flatten(inputs)[0]:
+            if isinstance(leaf, Tensor) and leaf.is_floating_point():
+                check_finite(leaf, "inputs of a batch from the Dataset")
+        self.task.check_targets(targets, self.output_dim)
 
     def test_gradients(self, test: Any, measure: str = "loss") -> Tensor:
         """(n, p) per-sample gradients of arbitrary points (``(x, y)`` or a Dataset) of their
@@ -447,7 +465,20 @@ class InfluenceEstimator:
                 x = x.unsqueeze(0)
             test_point = (x, y.reshape(1) if y.ndim == 0 else y)
         k = check_count(k, "k")
-        scores = self.influence(test_point)[0]
+        source = self._test_source(test_point)
+        if len(source) != 1:
+            raise ValueError(
+                f"top_k ranks the training points for one test point, got a batch of "
+                f"{len(source)}; call it once per point, or rank the rows of influence(test)"
+            )
+        scores = self.influence(source)[0]
+        bad = torch.nonzero(~torch.isfinite(scores)).flatten()
+        if bad.numel():
+            raise ArithmeticError(
+                f"{bad.numel()} influence score(s) are not finite (training points "
+                f"{bad[:10].tolist()}): their inputs, targets or losses are not finite; clean "
+                "or drop them before ranking"
+            )
         k = min(k, scores.numel())
         lo = torch.topk(scores, k, largest=False)
         hi = torch.topk(scores, k, largest=True)
@@ -497,6 +528,33 @@ def _solver_options(solver: str, given: dict[str, Any] | None, loose: dict[str, 
             "the solver full-batch)"
         )
     return merged
+
+
+def _check_candidates(candidates: Any) -> float | None:
+    """The two-phase factor c (≥ 1: the sampler picks m of c·m uniform candidates), or None."""
+    if candidates is None:
+        return None
+    check_finite_number(candidates, "candidates")
+    if candidates < 1:
+        raise ValueError(
+            f"candidates must be ≥ 1 (the sampler picks sample_size points from candidates × "
+            f"sample_size uniform candidates) or None for the whole pool, got {candidates!r}; "
+            "e.g. candidates=8"
+        )
+    return float(candidates)
+
+
+def _options_fingerprint(*options: Any) -> str:
+    """The options every rank must share, as text; values without a stable text (callables,
+    fitted objects) count by their type only."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in sorted(v.items())}
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        return type(v).__name__
+
+    return repr([plain(v) for v in options])
 
 
 def _check_kronecker(curvature: str, kind: type[curvature_kinds.CurvatureKind], solver: str,

@@ -8,10 +8,12 @@ and is all that the estimator and the removal update need (docs/design.md, "Part
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -56,6 +58,32 @@ class FitOptions:
     #: Options of the Kronecker-factored fits (curvature "kfac"/"ekfac", or the preconditioner
     #: of cg/lissa): fisher, other_layers, cache_dir (repif.curvature_kinds.KFAC).
     kronecker_options: dict[str, Any] = field(default_factory=dict)
+    #: Two-phase sampling: a sampler that reads logits or features picks its m points from
+    #: ``candidates``·m drawn uniformly from the pool, so the statistics pass reads those only
+    #: (None: from the whole pool). See :func:`candidate_pool`.
+    candidates: float | None = None
+
+
+#: Seed stream of the uniform candidate draw, apart from the sampler's own stream (same seed ⇒
+#: same candidates ⇒ same subset, bit for bit).
+CANDIDATE_STREAM = 0x5EED
+
+
+def candidate_pool(pool: Tensor, m: int, factor: float, seed: int) -> Tensor:
+    """The first phase of two-phase sampling: ⌈factor·m⌉ of ``pool``'s indices drawn uniformly
+    without replacement (in training order, so the pass over them reads the data in order), or
+    all of ``pool`` when that is not fewer.
+
+    A uniform draw keeps every estimator of the second phase honest: the sampler's weights
+    estimate the candidates' mean curvature (exactly, for Horvitz–Thompson weights), and the
+    candidates' mean is an unbiased estimate of the pool's, so the subset's weighted curvature
+    stays an unbiased estimate of the pool's (docs/design.md, "Samplers")."""
+    k = math.ceil(factor * m)
+    if k >= pool.numel():
+        return pool
+    rng = np.random.default_rng((CANDIDATE_STREAM, int(seed)))
+    picked = np.sort(rng.choice(pool.numel(), size=k, replace=False))
+    return pool[torch.from_numpy(picked)]
 
 
 class CurvatureFitter:
@@ -165,21 +193,31 @@ class CurvatureFitter:
     def draw(self, pool: Tensor | None = None) -> FittedCurvature:
         """Draw a subset of ``pool`` (training indices; default all) and prepare the solver."""
         t0 = time.perf_counter()
-        p = self.pool(pool)
-        if len(p) == 0:
-            raise ValueError("the pool is empty; pass at least one training index")
-        o = self.options
-        if o.sample_size is None:
-            uniform = torch.full((len(p),), 1.0 / len(p), dtype=torch.float64)
-            subset = Subset(p.indices.clone(), uniform)
-        else:
-            subset = o.sampler.select(p, o.sample_size, o.seed)
+        subset = self.select(pool)
         if distributed.is_distributed():  # every rank drew the same; make it so by construction
             subset = Subset(distributed.broadcast(subset.indices),
                             distributed.broadcast(subset.weights))
         sample_s = time.perf_counter() - t0
         fitted = self.prepare(subset)
         return FittedCurvature(subset, fitted.solver, {"sample_s": sample_s, **fitted.timings})
+
+    def select(self, pool: Tensor | None = None, seed: int | None = None) -> Subset:
+        """The curvature subset of ``pool`` (training indices; default all) drawn with the
+        fit's sampler, size and ``seed`` (default the fit's), two-phase when ``candidates`` is
+        set; no solver is prepared."""
+        p = self.pool(pool)
+        if len(p) == 0:
+            raise ValueError("the pool is empty; pass at least one training index")
+        o = self.options
+        seed = o.seed if seed is None else seed
+        if o.sample_size is None:
+            uniform = torch.full((len(p),), 1.0 / len(p), dtype=torch.float64)
+            return Subset(p.indices.clone(), uniform)
+        if o.candidates is not None and o.sampler.uses_statistics:
+            if o.sample_size > len(p):  # the sampler's own message names the sizes
+                o.sampler.select(p, o.sample_size, seed)
+            p = self.pool(candidate_pool(p.indices, o.sample_size, o.candidates, seed))
+        return o.sampler.select(p, o.sample_size, seed)
 
     def subset_batch(self, subset: Subset, fm: FunctionalModel | None = None) -> tuple[Any, Any]:
         """The subset's model inputs and targets, gathered whole (m points) on ``fm``'s

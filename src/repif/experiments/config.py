@@ -15,6 +15,8 @@ from repif.validation import check_choice
 
 #: Suffix on a sampler name that turns on the diagonal shrinkage fill (``shrinkage="auto"``).
 SHRINK_SUFFIX = "+shrink"
+#: Sampler-spec suffix ``+candN``: two-phase sampling from N·m uniform candidates.
+CANDIDATES_PREFIX = "cand"
 
 #: Grid for ``scale="auto"``: η is picked on the validation split, never on the test set.
 #: η ≥ 1 compensates a curvature that overstates how stiff a deep network is (exact GGN/Hessian
@@ -85,7 +87,7 @@ class StudyConfig:
                 "random,logit-importance"
             )
         for s in self.samplers:
-            samplers.REGISTRY.get(s.removesuffix(SHRINK_SUFFIX))
+            samplers.REGISTRY.get(parse_sampler(s)[0])
         _once(self.samplers, "--samplers", "sampler")
         solvers.REGISTRY.get(self.solver)
         if self.curvature not in curvature_kinds.names():
@@ -183,8 +185,33 @@ def _once(values: list[Any], flag: str, what: str) -> None:
         seen.add(v)
 
 
+def parse_sampler(spec: str) -> tuple[str, float | str, float | None]:
+    """A sampler spec → (name, shrinkage, candidates). ``"logit-importance"`` is the sampler
+    on the whole pool; ``+shrink`` adds the shrinkage fill ("auto"); ``+candN`` picks from N·m
+    uniform candidates (two-phase sampling, the estimator's ``candidates=N``), e.g.
+    ``"logit-importance+cand8+shrink"``. An unknown suffix is a ValueError naming it."""
+    name, *parts = spec.split("+")
+    shrinkage: float | str = 0.0
+    candidates: float | None = None
+    for part in parts:
+        if "+" + part == SHRINK_SUFFIX:
+            shrinkage = "auto"
+            continue
+        factor = part.removeprefix(CANDIDATES_PREFIX)
+        try:
+            candidates = float(factor) if part.startswith(CANDIDATES_PREFIX) else None
+        except ValueError:
+            candidates = None
+        if candidates is None or not (math.isfinite(candidates) and candidates >= 1):
+            raise ValueError(
+                f"sampler {spec!r}: unknown suffix +{part}; write {SHRINK_SUFFIX} for the "
+                f"shrinkage fill or +{CANDIDATES_PREFIX}N (N ≥ 1) for N·m uniform candidates"
+            )
+    return name, shrinkage, candidates
+
+
 def split_sampler(spec: str) -> tuple[str, float | str]:
-    """``"logit-importance+shrink"`` → ("logit-importance", "auto"); plain names → (name, 0.0)."""
-    if spec.endswith(SHRINK_SUFFIX):
-        return spec.removesuffix(SHRINK_SUFFIX), "auto"
-    return spec, 0.0
+    """``"logit-importance+shrink"`` → ("logit-importance", "auto"); plain names → (name, 0.0)
+    (see :func:`parse_sampler`, which also reads ``+candN``)."""
+    name, shrinkage, _ = parse_sampler(spec)
+    return name, shrinkage

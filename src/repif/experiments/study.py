@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from repif import datasets, io, models, samplers
 from repif.datasets.base import stratified_subset
 from repif.estimator import InfluenceEstimator
-from repif.experiments.config import SCALE_GRID, StudyConfig, split_sampler
+from repif.experiments.config import SCALE_GRID, StudyConfig, parse_sampler
 from repif.experiments.lock import OutputLock, OutputLockedError
 from repif.experiments.resources import measure
 from repif.metrics import cosine, predict, relative_error, removal_scores
@@ -377,13 +377,16 @@ class Study:
     def _cell(self, cls: int, spec: str, m: int, seed: int, removed: Tensor,
               rest: Tensor, scale: float) -> dict[str, Any]:
         c = self.config
-        name, shrinkage = split_sampler(spec)
-        uses_stats = samplers.REGISTRY.get(name).uses_statistics
+        name, shrinkage, candidates = parse_sampler(spec)
+        # a whole-pool pass is made once per study and charged to every cell that reads it; a
+        # two-phase cell makes its own pass over its candidates, inside the measured block
+        uses_stats = samplers.REGISTRY.get(name).uses_statistics and candidates is None
         stats = self._pool_statistics() if uses_stats else None  # outside the measured block
         grad = self._gradient_pass(cls, removed)  # likewise
         with measure(self.device) as meas:
             est = self._estimator(solver=c.solver, sampler=name, sample_size=m, seed=seed,
-                                  shrinkage=shrinkage, pool_statistics=stats).fit(rest)
+                                  shrinkage=shrinkage, pool_statistics=stats,
+                                  candidates=candidates).fit(rest)
             updated = est.remove(removed, scale=scale, steps=c.steps, gradient=self.g)
         charged = self.pool_pass if uses_stats else {"time_s": 0.0, "peak_mem_bytes": 0}
         if c.steps == 1:  # θ' = θ̂ + η v_T exactly, so no second solve is needed
@@ -400,7 +403,11 @@ class Study:
                 "peak_mem_bytes": max(meas.peak_mem_bytes, charged["peak_mem_bytes"],
                                       grad["peak_mem_bytes"]),
                 "pool_pass_s": charged["time_s"], "gradient_s": grad["time_s"],
-                "sample_time_s": est.timings["sample_s"] + charged["time_s"], "scale": scale,
+                "sample_time_s": est.timings["sample_s"] + charged["time_s"],
+                "fit_s": est.timings["solver_fit_s"],
+                "solve_step_s": max(0.0, meas.time_s - est.timings["sample_s"]
+                                    - est.timings["solver_fit_s"]),
+                "scale": scale,
                 "memory_method": meas.method}
 
     def _vector_path(self, cls: int, spec: str, m: int, seed: int) -> Path:

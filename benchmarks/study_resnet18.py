@@ -43,6 +43,12 @@ COMMON = [
     "--fisher", "sampled", "--other-layers", "frozen", "--damping", "0.01",
 ]
 
+#: The samplers of the time claim: random, the best smart samplers with their pass over the
+#: whole pool (charged to every cell), and the same two-phase (their own pass over 8·m uniform
+#: candidates, inside the cell's time).
+CLAIM_SAMPLERS = ("random,logit-importance,logit-importance+cand8,logit-stratified+cand8,"
+                  "feature-kmeans+cand8")
+
 #: Every registered sampler, unless a profile names its own.
 ALL_SAMPLERS = "random,stratified,feature-kmeans,feature-herding,logit-stratified,logit-importance"
 
@@ -54,8 +60,9 @@ ALL_SAMPLERS = "random,stratified,feature-kmeans,feature-herding,logit-stratifie
 #: and logit-importance (to set beside the cpu profile's K-FAC-expand cells).
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {"out": "study-mnist-resnet18",
-            "args": ["--width", "16", "--epochs", "2", "--sizes", "64,256,1024", "--seeds", "3",
-                     "--remove", "0,3", "--device", "cpu", "--threads", "1"]},
+            "args": ["--width", "16", "--epochs", "2", "--sizes", "32,64,128,256,1024",
+                     "--seeds", "3", "--remove", "0,3", "--device", "cpu", "--threads", "1",
+                     "--samplers", CLAIM_SAMPLERS]},
     "cpu-full": {"out": "study-mnist-resnet18-full",
                  "args": ["--width", "64", "--epochs", "1", "--sizes", "64,256,1024",
                           "--seeds", "1", "--remove", "0", "--device", "cpu", "--threads", "2"]},

@@ -269,6 +269,8 @@ class InfluenceEstimator:
     def inverse_hvp(self, vec: Tensor) -> Tensor:
         """(C + λI)⁻¹ vec for a (p,) or (k, p) vector; same shape out."""
         rows = check_vector(vec, self.num_params, "vector")
+        if rows.shape[0] == 0:  # a (0, p) block: an empty answer, no fit or solve needed
+            return rows.to(self.fm.device, self.fm.dtype).reshape(vec.shape)
         out = self._solve(rows.to(self.fm.device, self.fm.dtype))
         if not bool(torch.isfinite(out).all()):
             raise ArithmeticError(
@@ -340,15 +342,17 @@ class InfluenceEstimator:
         if isinstance(test, DataSource):
             source = test
         elif isinstance(test, DataLoader):  # its own collate function and batch size
-            source = DataSource(test)
+            source = DataSource(test, what="test data", allow_empty=True)
         else:
             source = DataSource(test, collate_fn=self.source.collate_fn,
-                                batch_size=self.source.batch_size)
+                                batch_size=self.source.batch_size, what="test data",
+                                allow_empty=True)
         if source.tensors is not None:
             check_finite(source.tensors[0], "test inputs")
             if type(self.task).split is Task.split:
                 self.task.check_targets(source.tensors[-1], self.output_dim)
-        self.fm.output_dim(split_batch(self.fm, source.first())[0])  # wrong shapes: one error
+        if len(source):  # no points: empty results, nothing to probe
+            self.fm.output_dim(split_batch(self.fm, source.first())[0])  # wrong shapes: one error
         source.validate = self._validate_batch
         return source
 
@@ -373,6 +377,8 @@ class InfluenceEstimator:
         source = self._test_source(test)
         idx = self._indices(train_indices)
         n_test, item = len(source), self.cost.itemsize
+        if n_test == 0:  # no test points: (0, n_train) scores, no fit or solve needed
+            return torch.empty(0, idx.numel(), dtype=self.fm.dtype)
         factor_row = (1 + SOLVER_ROW_COPIES) * self.num_params * item
         test_rows = min(n_test, max(1, (self.budget.bytes // 2) // factor_row))
         sharded = distributed.is_distributed()

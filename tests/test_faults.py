@@ -459,6 +459,8 @@ def test_unknown_device_is_bad_input(tmp_path, capsys):
 HAND_EDITS = {
     "cell-without-seed": (lambda r: r["cells"][0].pop("seed"), "cells[0] has seed=None"),
     "text-metric": (lambda r: r["cells"][2].update(f1="high"), "cells[2] has f1='high'"),
+    "f1-out-of-range": (lambda r: r["cells"][1].update(f1=7.5),
+                        "cells[1] has f1=7.5, outside [0, 1]"),
     "bad-scale": (lambda r: next(x for x in r["references"] if x["kind"] == "full").update(
         scale="auto"), "has scale='auto'"),
     "duplicate-cell": (lambda r: r["cells"].append(dict(r["cells"][0])), "repeats the grid"),

@@ -478,17 +478,7 @@ def _check_kronecker(curvature: str, kind: type[curvature_kinds.CurvatureKind], 
     """The Kronecker fit's options, checked against the curvature and solver they go with."""
     options = dict(options or {})
     pre = solver_options.get("preconditioner")
-    if kind.kronecker and solver != "eigen":
-        raise ValueError(
-            f"curvature={curvature!r} is inverted in its eigenbasis: use solver='eigen'; for "
-            "the exact subset GGN with the Kronecker factors as a preconditioner use "
-            "curvature='ggn', solver='cg' (or 'lissa') and preconditioner='ekfac'"
-        )
-    if solver == "eigen" and not kind.kronecker:
-        raise ValueError(
-            f"solver='eigen' inverts a Kronecker-factored curvature, not {curvature!r}: use "
-            "curvature='kfac' or 'ekfac', or solver='cg' with preconditioner='ekfac'"
-        )
+    _solvers.check_curvature(curvature, solver)
     if options:
         if not (kind.kronecker or isinstance(pre, str)):
             raise ValueError(

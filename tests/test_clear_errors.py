@@ -4,7 +4,9 @@ DataLoader's sampler selects the points; empty test data give empty results)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pytest
 import torch
@@ -288,3 +290,23 @@ def test_evaluation_results_outside_their_range_are_refused(tmp_path, field, val
     with pytest.raises(EvaluationError) as err:
         runner_module.read_results(path)
     assert str(err.value).startswith(f"{path}: cells[0] has {shown}")
+
+
+# --------------------------------------------------------------------------- exit codes
+@pytest.mark.parametrize("command", [["class-removal"], ["evaluate"]], ids=["study", "evaluate"])
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES], ids=["read-only", "no-permission"])
+def test_unwritable_out_is_an_environment_failure_exit_1(tmp_path, capsys, monkeypatch, command,
+                                                         code):
+    """The README's exit codes: 1 for the environment (a read-only file system, no write
+    permission), 2 for bad input. Simulated, since root may write anywhere."""
+    out = tmp_path / "run"
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(study_module.tempfile, "mkstemp", refuse)
+    assert _exit_code([*command, "--out", str(out), "--quiet"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert f"output directory {out} is not writable ({os.strerror(code)})" in lines[0]
+    assert "pass another --out" in lines[0]

@@ -65,7 +65,8 @@ class StudyEnvironmentError(StudyError):
 
 
 def check_output_dir(out: Path) -> None:
-    """Raise StudyError if ``out`` is a file or cannot be written to."""
+    """Raise StudyError (bad input) if ``out`` is a file, StudyEnvironmentError if it cannot be
+    written to (permissions, a read-only or full file system: the environment)."""
     if out.exists() and not out.is_dir():
         raise StudyError(f"output directory {out} is a file; pass a directory with --out")
     try:
@@ -75,7 +76,10 @@ def check_output_dir(out: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(probe)
     except OSError as err:
-        raise StudyError(f"output directory {out} is not writable ({err.strerror})") from err
+        raise StudyEnvironmentError(
+            f"output directory {out} is not writable ({err.strerror}); make it writable or pass "
+            "another --out"
+        ) from err
 
 
 def check_device(name: str) -> torch.device:

@@ -34,7 +34,7 @@ from repif.errors import CorruptFileError
 from repif.experiments import lock as lock_module
 from repif.experiments.config import StudyConfig
 from repif.experiments.lock import OutputLock, OutputLockedError
-from repif.experiments.study import Study, StudyEnvironmentError
+from repif.experiments.study import MEASURED_FIELDS, Study, StudyEnvironmentError
 
 BASE = dict(dataset="digits", model="mlp", remove=[0], samplers=["random", "logit-importance"],
             sizes=[8], seeds=3, epochs=3, limit_train=300)
@@ -42,7 +42,7 @@ BASE = dict(dataset="digits", model="mlp", remove=[0], samplers=["random", "logi
 ARGS = ["class-removal", "--dataset", "digits", "--model", "mlp", "--remove", "0",
         "--samplers", "random,logit-importance", "--sizes", "8", "--seeds", "3",
         "--epochs", "3", "--limit-train", "300", "--quiet"]
-VOLATILE = ("time_s", "gradient_s", "peak_mem_bytes", "sample_time_s", "pool_pass_s")
+VOLATILE = MEASURED_FIELDS
 
 
 def config(**changes) -> StudyConfig:
@@ -459,6 +459,8 @@ def test_unknown_device_is_bad_input(tmp_path, capsys):
 HAND_EDITS = {
     "cell-without-seed": (lambda r: r["cells"][0].pop("seed"), "cells[0] has seed=None"),
     "text-metric": (lambda r: r["cells"][2].update(f1="high"), "cells[2] has f1='high'"),
+    "f1-out-of-range": (lambda r: r["cells"][1].update(f1=7.5),
+                        "cells[1] has f1=7.5, outside [0, 1]"),
     "bad-scale": (lambda r: next(x for x in r["references"] if x["kind"] == "full").update(
         scale="auto"), "has scale='auto'"),
     "duplicate-cell": (lambda r: r["cells"].append(dict(r["cells"][0])), "repeats the grid"),

@@ -366,7 +366,7 @@ def test_estimator_end_to_end_and_option_errors(digits_mlp):
         assert not torch.equal(next(new.parameters()), next(model.parameters()))
     for bad, match in [
         (dict(curvature="kfac", solver="cg"), "use solver='eigen'"),
-        (dict(curvature="ggn", solver="eigen"), "curvature='kfac' or 'ekfac'"),
+        (dict(curvature="ggn", solver="eigen"), "curvature='kfac' or curvature='ekfac'"),
         (dict(solver="cg", kronecker_options={"fisher": "sampled"}), "kronecker_options"),
         (dict(solver="cg", preconditioner="shampoo"), "preconditioner must be one of"),
         (dict(curvature="ekfac", solver="eigen", shrinkage="auto"), "shrinkage applies"),

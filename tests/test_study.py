@@ -19,7 +19,7 @@ import pytest
 import repif.experiments.resources as resources
 from repif import cli
 from repif.experiments.config import StudyConfig
-from repif.experiments.study import Study, StudyError
+from repif.experiments.study import MEASURED_FIELDS, Study, StudyError
 from repif.metrics import f1_score
 
 SAMPLERS = ["random", "logit-importance"]
@@ -29,7 +29,7 @@ BASE = dict(dataset="digits", model="mlp", remove=[0], samplers=SAMPLERS, sizes=
             seeds=SEEDS, epochs=5, limit_train=400)
 
 #: Fields that measure the machine, not the numbers; excluded from equality checks.
-VOLATILE = ("time_s", "gradient_s", "peak_mem_bytes", "sample_time_s", "pool_pass_s")
+VOLATILE = MEASURED_FIELDS
 
 REMOVAL_KEYS = ("f1", "forget", "consistency", "accuracy_remaining")
 CELL_KEYS = ("removed_class", "sampler", "sample_size", "seed", *REMOVAL_KEYS, "ihvp_rel_error",

@@ -10,14 +10,25 @@ curvature subset (m points) is ever collated whole (docs/design.md, "Scale").
 from __future__ import annotations
 
 import hashlib
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    default_collate,
+)
 from torch.utils.data import Subset as _TorchSubset
+from torch.utils.data.distributed import DistributedSampler
 
 from repif.validation import as_torch_data
 
@@ -77,8 +88,11 @@ class DataSource:
     batch (``{"input_ids": …, "labels": …}``, every value a tensor), a torch ``Dataset``
     of items of any structure (collated by ``collate_fn``, default torch's ``default_collate``),
     or a ``DataLoader`` (its dataset and collate function are used; its batch size caps the
-    chunk size). ``batch_size`` caps how many points one chunk holds (the memory budget may make
-    chunks smaller); ``num_workers`` loads items in background processes as a DataLoader does.
+    chunk size; its sampler selects the points, see :func:`sampler_indices`). An
+    ``IterableDataset`` is refused: points are gathered by index. ``batch_size`` caps how many
+    points one chunk holds (the memory budget may make chunks smaller); ``num_workers`` loads
+    items in background processes as a DataLoader does. ``what`` names the data in errors;
+    ``allow_empty`` accepts data without points (test data: empty results).
     """
 
     def __init__(
@@ -88,17 +102,31 @@ class DataSource:
         collate_fn: Collate | None = None,
         batch_size: int | None = None,
         num_workers: int = 0,
+        what: str = "training data",
+        allow_empty: bool = False,
     ) -> None:
-        if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
-            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+            or batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}; "
+                             "e.g. batch_size=64")
         self.tensors: tuple[Tensor, ...] | None = None
         self.batch: Batch | None = None  # one in-memory dict batch
         self.dataset: Any = None
+        #: The dataset index of each point 0…n−1 when a DataLoader's sampler selects a subset of
+        #: its dataset (see :func:`sampler_indices`); None when point i is the dataset's item i.
+        self.dataset_indices: Tensor | None = None
         self.validate: Callable[[Batch], None] | None = None  # checks each gathered batch
         if isinstance(data, DataLoader):
             collate_fn = collate_fn or data.collate_fn
             batch_size = batch_size or data.batch_size
+            _refuse_iterable(data.dataset, what)
+            self.dataset_indices = sampler_indices(data, what)
             data = data.dataset
+            if self.dataset_indices is not None:
+                data = _TorchSubset(data, self.dataset_indices.tolist())
+        _refuse_iterable(data, what)
         data = as_torch_data(data)  # numpy arrays become tensors; plain lists are refused
         if isinstance(data, (tuple, list)) and len(data) >= 2 and all(
             isinstance(t, Tensor) for t in data
@@ -123,8 +151,8 @@ class DataSource:
                 "data must be a tuple (x, y) of tensors, a torch Dataset or a DataLoader, got "
                 f"{type(data).__name__}"
             )
-        if len(self) == 0:
-            raise ValueError("the dataset is empty; pass at least one point")
+        if len(self) == 0 and not allow_empty:
+            raise ValueError(f"the {what} are empty; pass at least one point")
         self.collate_fn: Collate = collate_fn or default_collate
         self.batch_size = None if batch_size is None else int(batch_size)
         self.num_workers = int(num_workers)
@@ -182,6 +210,8 @@ class DataSource:
         check that several processes were given the same data."""
         h = hashlib.sha256(f"{len(self)}".encode())
         n = len(self)
+        if n == 0:
+            return h.hexdigest()
         spread = torch.linspace(0, n - 1, min(n, FINGERPRINT_POINTS)).round().long().unique()
         if self.dataset is not None:
             leaves = tree_flatten(self.gather(spread))[0]
@@ -199,6 +229,76 @@ class DataSource:
     def first(self) -> Batch:
         """A batch holding the first point (to probe shapes and activation sizes)."""
         return self.gather(torch.zeros(1, dtype=torch.long))
+
+
+def _refuse_iterable(data: Any, what: str) -> None:
+    """TypeError naming the fix for an ``IterableDataset`` (it has no ``len`` and no indexing)."""
+    if isinstance(data, IterableDataset):
+        raise TypeError(
+            f"the {what} are a torch IterableDataset ({type(data).__name__}), which can only be "
+            "iterated; repif gathers points by index (to draw the curvature subset and to score "
+            "each point): materialise it (e.g. x, y = (torch.stack(t) for t in zip(*data)), then "
+            "pass (x, y)) or pass a map-style Dataset (with __getitem__ and __len__)"
+        )
+
+
+def sampler_indices(loader: DataLoader, what: str = "training data") -> Tensor | None:
+    """The dataset indices a DataLoader's sampler selects, ascending, or None for every point.
+
+    repif draws and streams points itself, by index, so a sampler's *order* never matters;
+    which points it selects does. A sequential sampler, or a random permutation of the whole
+    dataset (``shuffle=True``), selects every point: None. A ``SubsetRandomSampler`` (also inside
+    a ``BatchSampler``) selects its indices: point i is then the dataset's item
+    ``indices[i]``. Samplers that draw with replacement or by weight, a ``DistributedSampler``
+    (repif shards across processes itself) and samplers whose points cannot be known without
+    drawing from them are refused naming the fix.
+    """
+    sampler = loader.sampler
+    batches = loader.batch_sampler
+    passed = f"the DataLoader passed as {what}"
+    if isinstance(batches, BatchSampler):
+        sampler = batches.sampler
+    elif batches is not None:
+        raise ValueError(
+            f"{passed} has a custom batch_sampler ({type(batches).__name__}), "
+            "whose points repif cannot know without drawing from it; pass the dataset, or "
+            "torch.utils.data.Subset(dataset, indices) to use only some points"
+        )
+    n = len(loader.dataset)
+    fix = ("pass the dataset, a DataLoader without a sampler, or "
+           "torch.utils.data.Subset(dataset, indices) to use only some points")
+    if isinstance(sampler, SequentialSampler):
+        return None
+    if isinstance(sampler, RandomSampler):
+        if not sampler.replacement and sampler.num_samples == n:
+            return None  # a permutation of every point: the same points
+        raise ValueError(
+            f"{passed} samples {sampler.num_samples} of its {n} points "
+            f"{'with' if sampler.replacement else 'without'} replacement (RandomSampler); "
+            f"repif uses each point once, in dataset order: {fix}"
+        )
+    if isinstance(sampler, DistributedSampler):
+        raise ValueError(
+            f"{passed} has a DistributedSampler; repif shards the data across "
+            "processes itself and every rank must be given all of it: pass the dataset or a "
+            "DataLoader without the sampler"
+        )
+    if isinstance(sampler, SubsetRandomSampler):
+        idx = torch.as_tensor(list(sampler.indices), dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+            raise ValueError(f"{passed} has a SubsetRandomSampler holding index {bad}, outside the "
+                             f"dataset's {n} points [0, {n})")
+        ordered = torch.sort(idx).values
+        if bool((ordered[1:] == ordered[:-1]).any()):
+            raise ValueError(f"{passed} has a SubsetRandomSampler listing an index twice; "
+                             "repif uses each point once: list each index once")
+        return ordered
+    raise ValueError(
+        f"{passed} has a {type(sampler).__name__}, whose points repif cannot "
+        f"know without drawing from it (and draws by weight or with repeats change what "
+        f"influence means); {fix}"
+    )
 
 
 def as_tensors(data: Any) -> tuple[Tensor, Tensor]:

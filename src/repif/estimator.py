@@ -285,6 +285,8 @@ class InfluenceEstimator:
     def inverse_hvp(self, vec: Tensor) -> Tensor:
         """(C + λI)⁻¹ vec for a (p,) or (k, p) vector; same shape out."""
         rows = check_vector(vec, self.num_params, "vector")
+        if rows.shape[0] == 0:  # a (0, p) block: an empty answer, no fit or solve needed
+            return rows.to(self.fm.device, self.fm.dtype).reshape(vec.shape)
         out = self._solve(rows.to(self.fm.device, self.fm.dtype))
         if not bool(torch.isfinite(out).all()):
             raise ArithmeticError(
@@ -356,15 +358,17 @@ class InfluenceEstimator:
         if isinstance(test, DataSource):
             source = test
         elif isinstance(test, DataLoader):  # its own collate function and batch size
-            source = DataSource(test)
+            source = DataSource(test, what="test data", allow_empty=True)
         else:
             source = DataSource(test, collate_fn=self.source.collate_fn,
-                                batch_size=self.source.batch_size)
+                                batch_size=self.source.batch_size, what="test data",
+                                allow_empty=True)
         if source.tensors is not None:
             check_finite(source.tensors[0], "test inputs")
             if type(self.task).split is Task.split:
                 self.task.check_targets(source.tensors[-1], self.output_dim)
-        self.fm.output_dim(split_batch(self.fm, source.first())[0])  # wrong shapes: one error
+        if len(source):  # no points: empty results, nothing to probe
+            self.fm.output_dim(split_batch(self.fm, source.first())[0])  # wrong shapes: one error
         distributed.check_agree("test data", source.fingerprint())
         source.validate = self._validate_batch
         return source
@@ -395,6 +399,8 @@ class InfluenceEstimator:
         source = self._test_source(test)
         idx = self._indices(train_indices)
         n_test, item = len(source), self.cost.itemsize
+        if n_test == 0:  # no test points: (0, n_train) scores, no fit or solve needed
+            return torch.empty(0, idx.numel(), dtype=self.fm.dtype)
         factor_row = (1 + SOLVER_ROW_COPIES) * self.num_params * item
         test_rows = min(n_test, max(1, (self.budget.bytes // 2) // factor_row))
         sharded = distributed.is_distributed()
@@ -563,17 +569,7 @@ def _check_kronecker(curvature: str, kind: type[curvature_kinds.CurvatureKind], 
     """The Kronecker fit's options, checked against the curvature and solver they go with."""
     options = dict(options or {})
     pre = solver_options.get("preconditioner")
-    if kind.kronecker and solver != "eigen":
-        raise ValueError(
-            f"curvature={curvature!r} is inverted in its eigenbasis: use solver='eigen'; for "
-            "the exact subset GGN with the Kronecker factors as a preconditioner use "
-            "curvature='ggn', solver='cg' (or 'lissa') and preconditioner='ekfac'"
-        )
-    if solver == "eigen" and not kind.kronecker:
-        raise ValueError(
-            f"solver='eigen' inverts a Kronecker-factored curvature, not {curvature!r}: use "
-            "curvature='kfac' or 'ekfac', or solver='cg' with preconditioner='ekfac'"
-        )
+    _solvers.check_curvature(curvature, solver)
     if options:
         if not (kind.kronecker or isinstance(pre, str)):
             raise ValueError(

@@ -73,6 +73,8 @@ def check_indices(indices: Tensor, n: int, what: str = "indices") -> Tensor:
     boolean tensor of another length, or floating-point indices, are refused (never truncated).
     """
     idx = torch.as_tensor(indices)
+    if idx.numel() == 0 and idx.dtype != torch.bool:
+        idx = idx.long()  # no values, nothing to truncate (``[]`` alone is a float tensor)
     if idx.dtype == torch.bool:
         if idx.ndim != 1 or idx.numel() != n:
             raise ValueError(

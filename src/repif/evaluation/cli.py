@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,31 @@ def _names(text: str) -> list[str]:
 
 def _hidden(text: str) -> int | list[int]:
     widths = _ints(text)
+    if not widths or any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"hidden widths must be positive integers like 128 or "
+                                         f"128,64, got {text!r}")
     return widths[0] if len(widths) == 1 else widths
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0 like 0.01, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a seed, a whole number ≥ 0 like 0 or 7, got "
+                                         f"{text!r}")
+    return value
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -53,18 +78,18 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     ev.add_argument("--hidden", type=_hidden, default=None,
                     help="hidden width(s), e.g. 128,64 for a two-hidden-layer MLP")
     ev.add_argument("--epochs", type=int, default=30)
-    ev.add_argument("--lr", type=float, default=None)
+    ev.add_argument("--lr", type=_positive, default=None)
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--weight-decay", type=float, default=1e-3)
     ev.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     ev.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9)")
-    ev.add_argument("--train-seed", type=int, default=0, help="seed of the attributed model")
+    ev.add_argument("--train-seed", type=_seed, default=0, help="seed of the attributed model")
     ev.add_argument("--metric", default="lds", choices=("lds", "loo"))
     ev.add_argument("--target", default="loss", choices=("loss", "margin"))
     ev.add_argument("--subsets", type=int, default=50, help="LDS subsets S")
     ev.add_argument("--fraction", type=float, default=0.5, help="LDS subset fraction α")
     ev.add_argument("--gt-seeds", type=int, default=1, help="retraining seeds per subset K")
-    ev.add_argument("--subset-seed", type=int, default=0)
+    ev.add_argument("--subset-seed", type=_seed, default=0)
     ev.add_argument("--no-noise", action="store_true",
                     help="skip the extra retraining seed that measures the ground truth's noise")
     ev.add_argument("--loo-points", type=int, default=None,

@@ -41,6 +41,7 @@ from repif.experiments.study import (
     StudyError,
     check_device,
     check_output_dir,
+    out_of_range,
 )
 from repif.task import ClassificationTask, Task
 
@@ -102,6 +103,11 @@ def parse_method(spec: str) -> Method:
     if solver not in _solvers.names():
         raise ValueError(f"method {spec!r}: unknown solver {solver!r}; known: "
                          f"{', '.join(_solvers.names())}; baselines: {', '.join(BASELINES)}")
+    try:
+        _solvers.check_curvature(curvature, solver, lambda k, v: f"{k} {v}")
+    except ValueError as err:
+        raise ValueError(f"method {spec!r}: {err} (methods are written curvature:solver, "
+                         "e.g. ekfac:eigen or ggn:cg)") from None
     if not at:
         return Method(s, curvature, solver)
     name, shrinkage = split_sampler(sampler)
@@ -147,6 +153,9 @@ class EvaluationConfig:
     dtype: str = "float64"
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        self.validate()  # a bad field is refused when the config is made, not mid-run
+
     def validate(self) -> None:
         """ValueError naming the first bad field and the fix (data-dependent checks — sizes,
         indices, subset sizes — happen when the data are loaded)."""
@@ -187,6 +196,31 @@ class EvaluationConfig:
         if not _finite(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be a finite number ≥ 0, got "
                              f"{self.weight_decay!r}")
+        if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr!r}; e.g. --lr 0.01 "
+                             "(or leave it out for the model's default)")
+        for flag, seed in (("--train-seed", self.train_seed), ("--subset-seed", self.subset_seed)):
+            if not _is_int(seed) or seed < 0:
+                raise ValueError(f"{flag} must be a whole number ≥ 0, got {seed!r}")
+        widths = self.hidden if isinstance(self.hidden, (list, tuple)) else [self.hidden]
+        if self.hidden is not None and (not widths or not all(
+                _is_int(w) and w >= 1 for w in widths)):
+            raise ValueError(f"--hidden must be positive widths (e.g. 128 or [128, 64]), got "
+                             f"{self.hidden!r}")
+        if not _is_int(self.epochs) or self.epochs < 0:
+            raise ValueError(f"--epochs must be a whole number ≥ 0, got {self.epochs!r}")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
+        lp = self.loo_points
+        if lp is not None and not (_is_int(lp) or (
+                isinstance(lp, (list, tuple)) and all(_is_int(i) for i in lp))):
+            raise ValueError(f"loo_points must be a count of training points (an integer, "
+                             f"--loo-points) or a list of training indices (--loo-indices), got "
+                             f"{lp!r}; pass e.g. 20 or [3, 17, 42]")
+        tp = self.test_points
+        if tp is not None and not (isinstance(tp, (list, tuple)) and all(_is_int(i) for i in tp)):
+            raise ValueError(f"test_points must be a list of test indices (integers), got "
+                             f"{tp!r}; pass e.g. [0, 1, 2], or None for every test point")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
 
@@ -254,6 +288,15 @@ class MarginTask(ClassificationTask):
 # --------------------------------------------------------------------------- results file
 _HASH_CHARS = set("0123456789abcdef")
 
+#: The values a stored cell field can take: LDS (Spearman) and LOO (Pearson) scores are means
+#: of correlations, in [−1, 1] like the pooled correlations; standard errors, dampings, times
+#: and bytes are ≥ 0. Anything else in a results file was edited or damaged.
+CELL_RANGES: dict[str, tuple[float, float]] = {
+    "score": (-1.0, 1.0), "pooled": (-1.0, 1.0), "pooled_reweight": (-1.0, 1.0),
+    "score_se": (0.0, math.inf), "damping": (0.0, math.inf), "time_s": (0.0, math.inf),
+    "fit_time_s": (0.0, math.inf), "peak_mem_bytes": (0.0, math.inf),
+}
+
 
 def check_results(obj: Any, path: Path) -> dict[str, Any]:
     """``obj`` if it has the evaluation results schema, else EvaluationError naming the first
@@ -286,6 +329,16 @@ def check_results(obj: Any, path: Path) -> dict[str, Any]:
                 raise bad(f"cells[{i}] has {k}={v!r}, not a number or null")
         if c["damping"] is None:
             raise bad(f"cells[{i}] has no damping")
+        if (problem := out_of_range(c, CELL_RANGES)) is not None:
+            raise bad(f"cells[{i}] has {problem}")
+        per_test = c.get("per_test", [])
+        if not isinstance(per_test, list):
+            raise bad(f"cells[{i}] has per_test={per_test!r}, not a list")
+        for t, v in enumerate(per_test):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise bad(f"cells[{i}] has per_test[{t}]={v!r}, not a number or null")
+            if v is not None and (problem := out_of_range({"score": v}, CELL_RANGES)):
+                raise bad(f"cells[{i}] has per_test[{t}]: {problem}")
         if cell_key(c) in seen:
             raise bad(f"cells[{i}] repeats the cell {cell_key(c)}")
         seen.add(cell_key(c))

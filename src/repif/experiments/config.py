@@ -94,11 +94,7 @@ class StudyConfig:
             known = ", ".join(curvature_kinds.names())
             raise ValueError(f"unknown curvature {self.curvature!r}; known: {known}")
         kronecker = curvature_kinds.get(self.curvature).kronecker
-        if kronecker != (self.solver == "eigen"):
-            raise ValueError(
-                f"--curvature {self.curvature} cannot be solved by --solver {self.solver}: "
-                "kfac/ekfac take --solver eigen, and eigen takes only --curvature kfac or ekfac"
-            )
+        solvers.check_curvature(self.curvature, self.solver, _flag)
         if self.kronecker_options() and not kronecker:
             raise ValueError("--fisher, --other-layers and --weight-sharing configure "
                              f"--curvature kfac/ekfac; leave them out with --curvature "
@@ -160,6 +156,11 @@ class StudyConfig:
             if d[key] is None:  # so results written before they existed resume
                 del d[key]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flag(name: str, value: str) -> str:
+    """An option as the command line spells it: ``--curvature ggn``."""
+    return f"--{name} {value}"
 
 
 def _is_int(v: Any) -> bool:

@@ -49,6 +49,11 @@ log = logging.getLogger("repif.study")
 #: MLP for the same answer).
 REFERENCE_SOLVER = {"solver": "cg", "tol": 1e-10, "max_iter": 10_000}
 
+#: Row fields that measure the machine (time, memory), not the numbers: a re-run or a resume
+#: must agree on every other field.
+MEASURED_FIELDS = ("time_s", "gradient_s", "peak_mem_bytes", "sample_time_s", "pool_pass_s",
+                   "fit_s", "solve_step_s")
+
 
 class StudyError(RuntimeError):
     """A study cannot run as configured; the message says why and what to do. ``exit_code``:
@@ -65,7 +70,8 @@ class StudyEnvironmentError(StudyError):
 
 
 def check_output_dir(out: Path) -> None:
-    """Raise StudyError if ``out`` is a file or cannot be written to."""
+    """Raise StudyError (bad input) if ``out`` is a file, StudyEnvironmentError if it cannot be
+    written to (permissions, a read-only or full file system: the environment)."""
     if out.exists() and not out.is_dir():
         raise StudyError(f"output directory {out} is a file; pass a directory with --out")
     try:
@@ -75,7 +81,10 @@ def check_output_dir(out: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(probe)
     except OSError as err:
-        raise StudyError(f"output directory {out} is not writable ({err.strerror})") from err
+        raise StudyEnvironmentError(
+            f"output directory {out} is not writable ({err.strerror}); make it writable or pass "
+            "another --out"
+        ) from err
 
 
 def check_device(name: str) -> torch.device:
@@ -115,6 +124,33 @@ CELL_METRICS = ("f1", "forget", "consistency", "accuracy_remaining", "ihvp_rel_e
 REFERENCE_METRICS = ("f1", "forget", "consistency", "accuracy_remaining", "time_s",
                      "peak_mem_bytes")
 _HASH = re.compile(r"^[0-9a-f]{1,64}$")
+
+#: The values a stored metric can take: fractions of test points (forget, consistency,
+#: accuracy) and the F1s made of them lie in [0, 1], a cosine in [−1, 1], errors, times and
+#: bytes are ≥ 0. Anything else in a results file was edited or damaged.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "f1": (0.0, 1.0), "f1_literature": (0.0, 1.0), "forget": (0.0, 1.0),
+    "consistency": (0.0, 1.0), "accuracy_remaining": (0.0, 1.0), "ihvp_cosine": (-1.0, 1.0),
+    "ihvp_rel_error": (0.0, math.inf), "time_s": (0.0, math.inf),
+    "peak_mem_bytes": (0.0, math.inf),
+}
+
+#: How far past its bound round-off may carry a computed value (a cosine of two nearly equal
+#: vectors comes out as 1 + 2e-16); far below any edit that changes a result.
+RANGE_SLACK = 1e-9
+
+
+def out_of_range(row: dict[str, Any], ranges: dict[str, tuple[float, float]]) -> str | None:
+    """``"f1=7.5, outside [0, 1]"`` for the first field of ``row`` (numbers or null, already
+    checked) that lies outside its range in ``ranges``, or None. NaN (a bare ``NaN`` written
+    into the JSON by hand; repif writes null) is outside every range."""
+    for k, (lo, hi) in ranges.items():
+        v = row.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not (
+            lo - RANGE_SLACK <= v <= hi + RANGE_SLACK
+        ):
+            return f"{k}={v!r}, outside [{lo:g}, {hi:g}]"
+    return None
 
 
 def _is_int(v: Any) -> bool:
@@ -159,6 +195,8 @@ def check_results(obj: Any, path: Path) -> dict[str, Any]:
         for k in CELL_METRICS:
             if k not in c or not _is_number(c[k]):
                 raise bad(f"cells[{i}] has {k}={c.get(k, '(missing)')!r}, not a number or null")
+        if (problem := out_of_range(c, METRIC_RANGES)) is not None:
+            raise bad(f"cells[{i}] has {problem}")
         if _key(c) in seen:
             raise bad(f"cells[{i}] repeats the grid point {_key(c)}")
         seen.add(_key(c))
@@ -173,6 +211,8 @@ def check_results(obj: Any, path: Path) -> dict[str, Any]:
             if k not in r or not _is_number(r[k]):
                 raise bad(f"references[{i}] has {k}={r.get(k, '(missing)')!r}, not a number "
                           "or null")
+        if (problem := out_of_range(r, METRIC_RANGES)) is not None:
+            raise bad(f"references[{i}] has {problem}")
         scale = r.get("scale")
         if r["kind"] == "full" and not (
             _is_number(scale) and scale is not None and math.isfinite(scale) and scale > 0

@@ -81,6 +81,8 @@ class Solver(ABC):
     """
 
     name: ClassVar[str | None] = None
+    #: The curvature kinds this solver inverts; None: any exact (not Kronecker-factored) one.
+    curvatures: ClassVar[tuple[str, ...] | None] = None
     #: False for a solver that ignores the curvature (identity): no bound applies to it.
     uses_curvature: ClassVar[bool] = True
 

@@ -16,6 +16,7 @@ from repif.solvers.base import Solver, singular_threshold
 
 class EigenSolver(Solver):
     name = "eigen"
+    curvatures = ("kfac", "ekfac")
 
     def _prepare(self) -> None:
         op = self.operator

@@ -24,6 +24,7 @@ ROW_BLOCK = 1024
 
 class WoodburySolver(Solver):
     name = "woodbury"
+    curvatures = ("ggn",)  # the GGN's factor JᵀΛ^½; the Hessian has none
 
     def __init__(self, max_rows: int = WOODBURY_MAX_ROWS) -> None:
         self.max_rows = positive_int(max_rows, "max_rows")

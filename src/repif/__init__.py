@@ -8,6 +8,7 @@ from repif import datasets, models, samplers, solvers
 from repif.estimator import InfluenceEstimator, TopK
 from repif.fitting import FittedCurvature
 from repif.memory import MemoryBudget
+from repif.recording import PoolStatistics, StatisticsRecorder
 from repif.task import ClassificationTask, Task
 from repif.training import load_or_train, train
 
@@ -18,6 +19,8 @@ __all__ = [
     "FittedCurvature",
     "InfluenceEstimator",
     "MemoryBudget",
+    "PoolStatistics",
+    "StatisticsRecorder",
     "Task",
     "TopK",
     "__version__",

@@ -75,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                     "of mlp/cnn/resnet (their defaults 64/32/16)")
     cr.add_argument("--remove", type=_ints, default=[0], help="classes, e.g. 0,3")
     cr.add_argument("--samplers", type=_names, default=["random", "logit-importance"],
-                    help="sampler names; append +shrink for the diagonal shrinkage fill")
+                    help="sampler names; append +shrink for the diagonal shrinkage fill, +candN "
+                         "to pick from N·m uniform candidates (two-phase), e.g. "
+                         "logit-importance+cand8")
     cr.add_argument("--sizes", type=_ints, default=[16, 64, 256])
     cr.add_argument("--seeds", type=int, default=3, help="number of seeds (0…N−1)")
     cr.add_argument("--solver", default="cg")

@@ -42,6 +42,8 @@ from repif.gradients import CostModel, split_batch, stream_gradients, stream_sco
 from repif.layer_gradients import LayerGradientEngine, layer_engine
 from repif.memory import MemoryBudget
 from repif.progress import bar as progress_bar
+from repif.recording import ATTRIBUTE as RECORDED
+from repif.recording import PoolStatistics, module_digest
 from repif.samplers import Pool, Subset
 from repif.task import ClassificationTask, FunctionalModel, Task
 from repif.unlearning import newton_removal
@@ -102,7 +104,10 @@ class InfluenceEstimator:
     "sampled"), ``other_layers`` ("error", "identity", "frozen"), ``weight_sharing`` ("expand"
     or "reduce": K-FAC-reduce, far cheaper on convolutions) and ``cache_dir`` (see
     :mod:`repif.curvature_kinds`). ``pool_statistics`` (from another estimator's
-    :meth:`pool_statistics`, same model and data) spares the logit/feature samplers their pass.
+    :meth:`pool_statistics`, same model and data, or a :class:`~repif.recording.PoolStatistics`
+    recorded during training) spares the logit/feature samplers their pass; statistics that
+    ``repif.train(..., record_statistics=True)`` left on the model are used by default when
+    they belong to its weights and to these training targets.
     ``candidates`` (a factor c ≥ 1) makes such a sampler pick its ``sample_size`` points from
     c·``sample_size`` candidates drawn uniformly from the pool, so its pass reads those only
     (two-phase sampling: the weighted subset still estimates the pool's curvature without
@@ -133,7 +138,7 @@ class InfluenceEstimator:
         chunk_size: int | None = None,
         sampler_options: dict[str, Any] | None = None,
         kronecker_options: dict[str, Any] | None = None,
-        pool_statistics: tuple[Tensor, Tensor, Tensor] | None = None,
+        pool_statistics: PoolStatistics | tuple[Tensor, Tensor, Tensor] | None = None,
         candidates: float | None = None,
         solver_options: dict[str, Any] | None = None,
         **options: Any,
@@ -199,9 +204,37 @@ class InfluenceEstimator:
                              _check_candidates(candidates))
         self.fitter = CurvatureFitter(self.fm, self.source, options, self.budget, self.cost,
                                       self.output_dim, progress=progress)
+        if pool_statistics is None:
+            pool_statistics = self._recorded_statistics(model)
+        elif isinstance(pool_statistics, PoolStatistics):
+            pool_statistics.check_model(model)
         if pool_statistics is not None:
-            self.fitter.use_statistics(pool_statistics)
+            self.fitter.use_statistics(tuple(pool_statistics))
+            self._check_statistics_targets(pool_statistics[2])
         self._fitted: FittedCurvature | None = None
+
+    def _recorded_statistics(self, model: nn.Module) -> PoolStatistics | None:
+        """Statistics recorded while ``model`` trained (``repif.train(...,
+        record_statistics=True)``), if they belong to its weights and hold one row per training
+        point; else None (the samplers make their own pass)."""
+        recorded = getattr(model, RECORDED, None)
+        if not isinstance(recorded, PoolStatistics) or len(recorded.targets) != self.n_train:
+            return None
+        if recorded.model_digest is None or recorded.model_digest != module_digest(model):
+            return None
+        return recorded
+
+    def _check_statistics_targets(self, targets: Tensor) -> None:
+        """Statistics of other data (same size, other points) would silently steer the sampler:
+        their targets must be these training targets where those are at hand."""
+        mine = self.fitter.cheap_labels(torch.arange(self.n_train))
+        if mine is not None and not torch.equal(mine.reshape(-1).cpu(),
+                                                targets.reshape(-1).to(mine.dtype)):
+            raise ValueError(
+                "the pool statistics' targets differ from the training targets: they were "
+                "made on other data (or in another order); pass statistics of this training "
+                "set, in dataset order, or none"
+            )
 
     def _engine(self, per_sample: str) -> LayerGradientEngine | None:
         """The hook-based per-sample engine ("hooks", or "auto" where the model is eligible and
@@ -242,12 +275,13 @@ class InfluenceEstimator:
         logits, feats, _ = self.fitter.pool_statistics(check_indices(indices, self.n_train))
         return logits, feats
 
-    def pool_statistics(self) -> tuple[Tensor, Tensor, Tensor]:
+    def pool_statistics(self) -> PoolStatistics:
         """(n_train, C) logits, (n_train, d) features and (n_train,) targets of every training
         point (CPU; one streaming forward pass). Pass them as ``pool_statistics=`` to other
         estimators of the same model, parameters and data, and their logit and feature
         samplers skip that pass (e.g. one per removed class, sampler or seed)."""
-        return self.fitter.pool_statistics(torch.arange(self.n_train))
+        logits, feats, targets = self.fitter.pool_statistics(torch.arange(self.n_train))
+        return PoolStatistics(logits, feats, targets, module_digest(self.model), origin="pass")
 
     def fit(self, pool: Tensor | None = None) -> InfluenceEstimator:
         """Draw the curvature subset from ``pool`` (training indices) and prepare the solver."""

@@ -145,10 +145,10 @@ class CurvatureFitter:
         if idx.numel() != torch.unique(idx).numel():
             raise ValueError("pool indices contain duplicates; pass each training index once")
         idx = idx.cpu()
-        labels = self._cheap_labels(idx)
+        labels = self.cheap_labels(idx)
         return Pool(idx, labels, self.output_dim, stats=lambda: self.pool_statistics(idx))
 
-    def _cheap_labels(self, idx: Tensor) -> Tensor | None:
+    def cheap_labels(self, idx: Tensor) -> Tensor | None:
         """Labels without a pass over the data, when the data are tensors split the default way
         (targets last); else None (they then come with the pool's forward pass)."""
         if self.source.tensors is None or type(self.task).split is not Task.split:

@@ -29,6 +29,11 @@ from tqdm.auto import tqdm
 
 from repif import io
 from repif.data import as_tensors
+from repif.recording import ATTRIBUTE, PoolStatistics, StatisticsRecorder
+
+#: Recorded statistics travel in a cached model's file under these keys (not model state).
+STATS_PREFIX = "repif_statistics."
+STATS_FIELDS = ("logits", "features", "targets")
 
 DEFAULT_LR = {"adam": 1e-2, "sgd": 0.1}
 OPTIMIZERS = tuple(DEFAULT_LR)
@@ -53,8 +58,15 @@ def train(
     cache_key: dict[str, Any] | None = None,
     schedule: str = "constant",
     momentum: float | None = None,
+    record_statistics: bool = False,
 ) -> nn.Module:
     """Train ``model`` in place on ``train`` and return the same module, in ``eval()`` mode.
+
+    ``record_statistics=True`` keeps every training point's logits and penultimate features as
+    the last epoch computes them (:mod:`repif.recording`) and leaves them on the returned model
+    as ``model.repif_statistics`` (stored with a cached model too), where an
+    :class:`~repif.InfluenceEstimator` of that model and data picks them up instead of making
+    its own pass.
 
     ``train`` is a tuple ``(x, y)`` of tensors or a torch ``Dataset`` of ``(x, y)`` pairs; ``y``
     holds integer class labels in ``[0, num_classes)``, where ``num_classes`` is the output size
@@ -107,11 +119,22 @@ def train(
             return model.to(dev).eval()
 
     model.to(dev)
-    _fit(model, x, y, dev, recipe, progress)
+    recorder = StatisticsRecorder(len(y), model) if record_statistics else None
+    try:
+        _fit(model, x, y, dev, recipe, progress, recorder)
+    finally:
+        if recorder is not None:
+            recorder.close()
     model.eval()
+    if recorder is not None and recipe["epochs"] > 0:
+        setattr(model, ATTRIBUTE, recorder.statistics(model))
     if path is not None:
         state = {k: v for k, v in model.state_dict().items()}
-        io.save_tensors_atomic(path, state, {"key": meta})
+        stats = getattr(model, ATTRIBUTE, None)
+        if stats is not None:
+            state.update({f"{STATS_PREFIX}{k}": getattr(stats, k) for k in STATS_FIELDS})
+        extra = {"statistics_digest": stats.model_digest} if stats is not None else {}
+        io.save_tensors_atomic(path, state, {"key": meta, **extra})
     return model
 
 
@@ -132,6 +155,7 @@ def load_or_train(
     width: int | None = None,
     schedule: str = "constant",
     momentum: float | None = None,
+    record_statistics: bool = False,
 ) -> nn.Module:
     """Build ``model_name`` for ``dataset`` with ``seed`` and train it on ``dataset.train``,
     reusing a cached model from ``cache_dir`` when its metadata (dataset name, sizes, shapes and a
@@ -168,6 +192,7 @@ def load_or_train(
         cache_key=key,
         schedule=schedule,
         momentum=momentum,
+        record_statistics=record_statistics,
     )
 
 
@@ -213,8 +238,10 @@ def _fit(
     device: torch.device,
     recipe: dict[str, Any],
     progress: bool,
+    recorder: StatisticsRecorder | None = None,
 ) -> None:
-    """The training loop: shuffled mini-batches, mean cross-entropy, L2 via the optimiser."""
+    """The training loop: shuffled mini-batches, mean cross-entropy, L2 via the optimiser;
+    ``recorder`` keeps the last epoch's logits and features."""
     params = [p for p in model.parameters() if p.requires_grad]
     wd = recipe["weight_decay"]
     if recipe["optimizer"] == "adam":
@@ -244,7 +271,10 @@ def _fit(
                 idx = order[start : start + bs]
                 xb, yb = x[idx].to(device), y[idx].to(device).long()
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xb), yb)
+                out = model(xb)
+                if recorder is not None and epoch == recipe["epochs"] - 1:
+                    recorder.record(idx, out, yb)
+                loss = loss_fn(out, yb)
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(idx)
@@ -306,6 +336,8 @@ def _try_load(model: nn.Module, path: Path, meta: dict[str, Any]) -> bool:
         return False
     if stored.get("key") != meta:
         return False
+    recorded = {k.removeprefix(STATS_PREFIX): tensors.pop(k) for k in list(tensors)
+                if k.startswith(STATS_PREFIX)}
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
@@ -313,4 +345,7 @@ def _try_load(model: nn.Module, path: Path, meta: dict[str, Any]) -> bool:
             f"ignoring model cache {path} that does not fit ({e}); retraining", stacklevel=3
         )
         return False
+    if set(recorded) == set(STATS_FIELDS):
+        setattr(model, ATTRIBUTE, PoolStatistics(**recorded,
+                                                 model_digest=stored.get("statistics_digest")))
     return True

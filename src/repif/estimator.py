@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from repif import curvature_kinds, distributed
+from repif import options as _options
 from repif import samplers as _samplers
 from repif import solvers as _solvers
 from repif.curvature import resolve_shrinkage
@@ -45,7 +46,7 @@ from repif.progress import bar as progress_bar
 from repif.recording import ATTRIBUTE as RECORDED
 from repif.recording import PoolStatistics, module_digest
 from repif.samplers import Pool, Subset
-from repif.task import ClassificationTask, FunctionalModel, Task
+from repif.task import FunctionalModel, Task
 from repif.unlearning import newton_removal
 from repif.validation import (
     check_choice,
@@ -144,7 +145,7 @@ class InfluenceEstimator:
         **options: Any,
     ) -> None:
         kind = curvature_kinds.get(curvature)  # unknown names list the known ones
-        solver_options = _solver_options(solver, solver_options, options, batch_size)
+        solver_options = _options.solver_options(solver, solver_options, options, batch_size)
         check_finite_number(damping, "damping")
         if not damping >= 0:
             raise ValueError(f"damping must be ≥ 0, got {damping}; a typical value is 1e-3–1e-1")
@@ -162,14 +163,14 @@ class InfluenceEstimator:
                           "batch_size caps them", DeprecationWarning, stacklevel=2)
             batch_size = batch_size or chunk_size
         _solvers.build(solver, solver_options)  # unknown names or options fail here, not at fit
-        kronecker_options = _check_kronecker(curvature, kind, solver, solver_options,
+        kronecker_options = _options.check_kronecker(curvature, kind, solver, solver_options,
                                              kronecker_options)
         self.sampler = _samplers.build(sampler, sampler_options)
         self.curvature, self.damping, self.solver_name = curvature, float(damping), solver
         self.sampler_name, self.sample_size, self.seed = sampler, sample_size, seed
         self.shrinkage = shrinkage
         self.solver_options = solver_options
-        self.task = _resolve_task(task, weight_decay)
+        self.task = _options.resolve_task(task, weight_decay)
         self.progress = progress
 
         params = list(model.parameters())
@@ -187,7 +188,7 @@ class InfluenceEstimator:
         if self.source.tensors is not None:
             check_finite(self.source.tensors[0], "training inputs")
         distributed.check_agree("training data", self.source.fingerprint())
-        distributed.check_agree("estimator options", _options_fingerprint(
+        distributed.check_agree("estimator options", _options.options_fingerprint(
             curvature, damping, solver, solver_options, sampler, sampler_options, sample_size,
             seed, shrinkage, self.task.weight_decay, kronecker_options, candidates))
         inputs, targets = split_batch(self.fm, self.source.first())
@@ -201,7 +202,7 @@ class InfluenceEstimator:
         self.cost = CostModel(self.fm, inputs, self._engine(per_sample))
         options = FitOptions(curvature, float(damping), solver, dict(solver_options),
                              self.sampler, sample_size, seed, shrinkage, kronecker_options,
-                             _check_candidates(candidates))
+                             _options.check_candidates(candidates))
         self.fitter = CurvatureFitter(self.fm, self.source, options, self.budget, self.cost,
                                       self.output_dim, progress=progress)
         if pool_statistics is None:
@@ -539,94 +540,3 @@ class InfluenceEstimator:
         """
         return newton_removal(self.fitter, self._fitted, indices, scale=scale, steps=steps,
                               gradient=gradient)
-
-
-def _solver_options(solver: str, given: dict[str, Any] | None, loose: dict[str, Any],
-                    batch_size: int | None) -> dict[str, Any]:
-    """The solver's options: ``solver_options`` merged with the loose keyword arguments.
-
-    A name both the estimator and the solver take (LiSSA's ``batch_size``, its mini-batch,
-    against the estimator's cap on streamed chunks) would be bound to the estimator by Python
-    and never reach the solver; passing it loose with such a solver is therefore refused unless
-    ``solver_options`` says what the solver gets, so no option lands in the wrong component.
-    """
-    if given is not None and not isinstance(given, dict):
-        raise TypeError(f"solver_options must be a dict, got {type(given).__name__}")
-    given = dict(given or {})
-    twice = sorted(set(given) & set(loose))
-    if twice:
-        raise TypeError(f"solver option(s) {', '.join(twice)} given both loose and in "
-                        "solver_options; pass each once")
-    merged = {**given, **loose}
-    if (batch_size is not None and "batch_size" not in merged
-            and "batch_size" in _solvers.accepted_options(solver)):
-        raise TypeError(
-            f"batch_size={batch_size!r} is ambiguous with solver={solver!r}: the estimator's "
-            "batch_size caps its streamed chunks, the solver's is its mini-batch. Pass "
-            f"solver_options={{'batch_size': {batch_size!r}}} for the solver's mini-batches; "
-            "to cap the chunks as well, give both (solver_options={'batch_size': None} keeps "
-            "the solver full-batch)"
-        )
-    return merged
-
-
-def _check_candidates(candidates: Any) -> float | None:
-    """The two-phase factor c (≥ 1: the sampler picks m of c·m uniform candidates), or None."""
-    if candidates is None:
-        return None
-    check_finite_number(candidates, "candidates")
-    if candidates < 1:
-        raise ValueError(
-            f"candidates must be ≥ 1 (the sampler picks sample_size points from candidates × "
-            f"sample_size uniform candidates) or None for the whole pool, got {candidates!r}; "
-            "e.g. candidates=8"
-        )
-    return float(candidates)
-
-
-def _options_fingerprint(*options: Any) -> str:
-    """The options every rank must share, as text; values without a stable text (callables,
-    fitted objects) count by their type only."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in sorted(v.items())}
-        if v is None or isinstance(v, (bool, int, float, str)):
-            return v
-        return type(v).__name__
-
-    return repr([plain(v) for v in options])
-
-
-def _check_kronecker(curvature: str, kind: type[curvature_kinds.CurvatureKind], solver: str,
-                     solver_options: dict[str, Any], options: dict[str, Any] | None
-                     ) -> dict[str, Any]:
-    """The Kronecker fit's options, checked against the curvature and solver they go with."""
-    options = dict(options or {})
-    pre = solver_options.get("preconditioner")
-    _solvers.check_curvature(curvature, solver)
-    if options:
-        if not (kind.kronecker or isinstance(pre, str)):
-            raise ValueError(
-                "kronecker_options configure a Kronecker-factored fit: pass them with "
-                "curvature='kfac'/'ekfac' or with a solver preconditioner ('ekfac')"
-            )
-        curvature_kinds.build("kfac", options)  # unknown options or values fail here
-    return options
-
-
-def _resolve_task(task: Task | None, weight_decay: float | None) -> Task:
-    """The task, with ``weight_decay`` set on the default one; a conflict is an error."""
-    if task is None:
-        return ClassificationTask(weight_decay=0.0 if weight_decay is None else weight_decay)
-    if not isinstance(task, Task):
-        raise TypeError(f"task must be a repif.Task, got {type(task).__name__}")
-    if weight_decay is not None and float(weight_decay) != task.weight_decay:
-        if task.weight_decay != 0.0:
-            raise ValueError(
-                f"weight_decay={weight_decay} disagrees with the task's "
-                f"weight_decay={task.weight_decay}; set it in one place (the task)"
-            )
-        task = copy.copy(task)
-        check_finite_number(weight_decay, "weight_decay")
-        task.weight_decay = float(weight_decay)
-    return task

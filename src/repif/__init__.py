@@ -5,6 +5,8 @@ by a sampler; see :class:`InfluenceEstimator` for the conventions.
 """
 
 from repif import datasets, models, samplers, solvers
+from repif.distributed import DistributedError
+from repif.errors import CorruptFileError, RepifError, SolverDivergedError, TooLargeError
 from repif.estimator import InfluenceEstimator, TopK
 from repif.fitting import FittedCurvature
 from repif.memory import MemoryBudget
@@ -16,12 +18,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClassificationTask",
+    "CorruptFileError",
+    "DistributedError",
     "FittedCurvature",
     "InfluenceEstimator",
     "MemoryBudget",
     "PoolStatistics",
+    "RepifError",
+    "SolverDivergedError",
     "StatisticsRecorder",
     "Task",
+    "TooLargeError",
     "TopK",
     "__version__",
     "datasets",

@@ -123,7 +123,6 @@ class CurvatureOperator:
         self.budget = budget or MemoryBudget.resolve(None, fm.device)
         self._diag: Tensor | None = None
         self._activation_numel: int | None = None  # one point's activations, measured once
-        self.num_products = 0  # how many products this operator has computed (for benchmarks)
 
     @property
     def size(self) -> int:
@@ -171,7 +170,6 @@ class CurvatureOperator:
 
     def matmat(self, vs: Tensor) -> Tensor:
         """C V for (k, p) rows: one pass over the subset, the rows vmapped together."""
-        self.num_products += vs.shape[0]
         out = self._pass(vs)
         if self.shrinkage:
             out = (1.0 - self.shrinkage) * out + self.shrinkage * self.diagonal() * vs

@@ -175,23 +175,3 @@ def sum_gradient(
         (g,) = torch.autograd.grad(fm.losses(theta, inputs, targets).sum(), theta)
         total += g
     return distributed.all_reduce_sum(total.detach())
-
-
-def mean_gradient(
-    fm: FunctionalModel,
-    x: Tensor,
-    y: Tensor,
-    *,
-    theta: Tensor | None = None,
-    chunk_size: int = 1024,
-) -> Tensor:
-    """(p,) gradient of the mean loss over in-memory ``(x, y)``, one backward per chunk."""
-    theta = (fm.theta if theta is None else theta).detach().requires_grad_(True)
-    total = torch.zeros_like(theta)
-    n = x.shape[0]
-    for start in range(0, n, chunk_size):
-        rows = slice(start, start + chunk_size)
-        xs, ys = to_device((x[rows], y[rows]), fm.device, fm.dtype)
-        (g,) = torch.autograd.grad(fm.losses(theta, xs, ys).sum() / n, theta)
-        total += g
-    return total

@@ -321,10 +321,6 @@ class FunctionalModel:
 
         return single
 
-    def sample_loss_fn(self) -> Callable[[Tensor, Any, Any], Tensor]:
-        """loss(θ, x_i, y_i) for one unbatched sample."""
-        return self.sample_fn("loss")
-
     @torch.no_grad()
     def logits_and_features(self, inputs: Any) -> tuple[Tensor, Tensor]:
         """(n, C) outputs and (n, d) penultimate features at the current parameters."""

@@ -9,7 +9,7 @@ from torch import nn
 
 import repif
 from repif.cli import _config, _parser
-from repif.experiments.config import StudyConfig
+from repif.experiments.config import StudyConfig, parse_sampler
 from repif.memory import parse_bytes
 from repif.metrics import f1_score, removal_scores
 
@@ -126,3 +126,39 @@ def test_pool_statistics_of_another_shape_are_refused(problem):
         repif.InfluenceEstimator(net, (x, y), pool_statistics=(logits[:10], feats, targets))
     with pytest.raises(ValueError, match="tuple of tensors"):
         repif.InfluenceEstimator(net, (x, y), pool_statistics=logits)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("logit-importance", ("logit-importance", 0.0, None)),
+    ("logit-importance+shrink", ("logit-importance", "auto", None)),
+    ("logit-stratified+cand8", ("logit-stratified", 0.0, 8.0)),
+    ("logit-importance+cand2.5+shrink", ("logit-importance", "auto", 2.5)),
+])
+def test_sampler_specs_read_shrinkage_and_candidates(spec, expected):
+    assert parse_sampler(spec) == expected
+    args = _parser().parse_args(["class-removal", "--samplers", f"random,{spec}"])
+    _config(args).validate()  # the study accepts the spec
+
+
+@pytest.mark.parametrize("spec", ["logit-importance+cand", "logit-importance+cand0.5",
+                                  "logit-importance+candx", "logit-importance+fast"])
+def test_a_bad_sampler_suffix_names_the_forms(spec):
+    with pytest.raises(ValueError, match=r"\+shrink.*\+candN"):
+        parse_sampler(spec)
+
+
+def test_a_two_phase_study_cell_makes_its_own_pass_over_its_candidates(tmp_path):
+    """+candN cells charge no shared whole-pool pass: their own pass over N·m candidates is
+    inside the cell's time; the whole-pool sampler is charged the shared pass."""
+    from repif.experiments.study import Study
+
+    config = StudyConfig(dataset="digits", model="mlp", remove=[0],
+                         samplers=["logit-importance", "logit-importance+cand4"], sizes=[16],
+                         seeds=1, epochs=3, limit_train=400, limit_test=100)
+    results = Study(config, tmp_path, progress=False).run()
+    cells = {c["sampler"]: c for c in results["cells"]}
+    assert cells["logit-importance"]["pool_pass_s"] > 0
+    assert cells["logit-importance+cand4"]["pool_pass_s"] == 0
+    for c in cells.values():
+        parts = c["sample_time_s"] + c["fit_s"] + c["solve_step_s"] + c["gradient_s"]
+        assert c["time_s"] == pytest.approx(parts, rel=1e-6, abs=1e-9)

@@ -25,6 +25,7 @@ from repif.data import DataSource, to_device
 from repif.gradients import CostModel, split_batch
 from repif.memory import MemoryBudget
 from repif.progress import bar as progress_bar
+from repif.recording import PoolStatistics
 from repif.samplers import Pool, Subset
 from repif.task import FunctionalModel, Task
 from repif.validation import check_indices
@@ -110,14 +111,16 @@ class CurvatureFitter:
         #: Whether a draw has read the pool statistics (a sampler that needs them).
         self.statistics_used = False
 
-    def use_statistics(self, statistics: tuple[Tensor, Tensor, Tensor]) -> None:
+    def use_statistics(self, statistics: PoolStatistics | tuple[Tensor, Tensor, Tensor]) -> None:
         """Serve later pool statistics from ``statistics`` (logits, features, targets of all
         ``n_train`` points, in training order, at the parameters this fitter was built with:
         what :meth:`pool_statistics` of all points returns) instead of a pass over the data."""
+        if isinstance(statistics, PoolStatistics):
+            statistics = tuple(statistics)
         if not (isinstance(statistics, (tuple, list)) and len(statistics) == 3
                 and all(isinstance(t, Tensor) for t in statistics)):
-            raise ValueError("pool_statistics must be a (logits, features, targets) tuple of "
-                             "tensors, as estimator.pool_statistics() returns")
+            raise ValueError("pool_statistics must be a PoolStatistics or a (logits, features, "
+                             "targets) tuple of tensors, as estimator.pool_statistics() returns")
         logits, feats, targets = statistics
         rows = {int(t.shape[0]) if t.dim() else -1 for t in statistics}
         if rows != {self.n_train} or logits.dim() != 2 or logits.shape[1] != self.output_dim:

@@ -9,8 +9,8 @@ from torch import nn
 
 import repif
 from repif import datasets, models
-from repif.gradients import per_sample_gradients
-from repif.layer_gradients import layer_engine
+from repif.gradients.hooks import layer_engine
+from repif.gradients.streaming import per_sample_gradients
 from repif.task import FunctionalModel
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from repif import samplers
-from repif.curvature import CurvatureOperator
+from repif.curvature.operator import CurvatureOperator
 from repif.estimator import InfluenceEstimator
 from repif.fitting import candidate_pool
 from repif.samplers import Pool

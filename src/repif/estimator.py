@@ -32,15 +32,16 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from repif import curvature_kinds, distributed
+from repif import distributed
 from repif import options as _options
 from repif import samplers as _samplers
 from repif import solvers as _solvers
-from repif.curvature import resolve_shrinkage
+from repif.curvature import kinds as curvature_kinds
+from repif.curvature.operator import resolve_shrinkage
 from repif.data import DataSource
 from repif.fitting import CurvatureFitter, FitOptions, FittedCurvature
-from repif.gradients import CostModel, split_batch, stream_gradients, stream_scores
-from repif.layer_gradients import LayerGradientEngine, layer_engine
+from repif.gradients.hooks import LayerGradientEngine, layer_engine
+from repif.gradients.streaming import CostModel, split_batch, stream_gradients, stream_scores
 from repif.memory import MemoryBudget
 from repif.progress import bar as progress_bar
 from repif.recording import ATTRIBUTE as RECORDED
@@ -104,7 +105,7 @@ class InfluenceEstimator:
     preconditioner. ``kronecker_options`` configure either fit: ``fisher`` ("exact" or
     "sampled"), ``other_layers`` ("error", "identity", "frozen"), ``weight_sharing`` ("expand"
     or "reduce": K-FAC-reduce, far cheaper on convolutions) and ``cache_dir`` (see
-    :mod:`repif.curvature_kinds`). ``pool_statistics`` (from another estimator's
+    :mod:`repif.curvature.kinds`). ``pool_statistics`` (from another estimator's
     :meth:`pool_statistics`, same model and data, or a :class:`~repif.recording.PoolStatistics`
     recorded during training) spares the logit/feature samplers their pass; statistics that
     ``repif.train(..., record_statistics=True)`` left on the model are used by default when

@@ -3,7 +3,8 @@
 :class:`CurvatureFitter` binds the fitting options (curvature kind, damping, sampler, sample
 size, seed, shrinkage, solver) to a model, its training data and a memory budget.
 :class:`FittedCurvature` is what a fit produces — the subset, the prepared solver and timings —
-and is all that the estimator and the removal update need (docs/design.md, "Parts").
+and is all that the estimator and the removal update need (docs/design.md, "Parts (the
+architecture)").
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from repif import curvature_kinds, distributed
+from repif import distributed
 from repif import samplers as _samplers
 from repif import solvers as _solvers
-from repif.curvature import CurvatureOperator, resolve_shrinkage
+from repif.curvature import kinds as curvature_kinds
+from repif.curvature.operator import CurvatureOperator, resolve_shrinkage
 from repif.data import DataSource, to_device
-from repif.gradients import CostModel, split_batch
+from repif.gradients.streaming import CostModel, split_batch
 from repif.memory import MemoryBudget
 from repif.progress import bar as progress_bar
 from repif.recording import PoolStatistics
@@ -57,7 +59,7 @@ class FitOptions:
     seed: int
     shrinkage: float | str
     #: Options of the Kronecker-factored fits (curvature "kfac"/"ekfac", or the preconditioner
-    #: of cg/lissa): fisher, other_layers, cache_dir (repif.curvature_kinds.KFAC).
+    #: of cg/lissa): fisher, other_layers, cache_dir (repif.curvature.kinds.KFAC).
     kronecker_options: dict[str, Any] = field(default_factory=dict)
     #: Two-phase sampling: a sampler that reads logits or features picks its m points from
     #: ``candidates``·m drawn uniformly from the pool, so the statistics pass reads those only
@@ -229,26 +231,38 @@ class CurvatureFitter:
         batch = to_device(self.source.gather(subset.indices), fm.device, fm.dtype)
         return self.task.split(batch)
 
+    def request(self, subset: Subset, fm: FunctionalModel | None = None
+                ) -> curvature_kinds.CurvatureRequest:
+        """What a curvature kind needs to build on ``subset`` (gathered whole: m points) at
+        ``fm``'s parameters: handed to the kind, which never calls back into the fitter."""
+        fm = fm or self.fm
+        x, y = self.subset_batch(subset, fm)
+        o = self.options
+        sampled = o.sample_size is not None
+        return curvature_kinds.CurvatureRequest(
+            fm=fm, subset=subset, x=x, y=y, budget=self.budget, seed=o.seed,
+            progress=self.progress,
+            shrinkage=resolve_shrinkage(o.shrinkage, len(subset)) if sampled else 0.0,
+            sampler=getattr(o.sampler, "name", None) if sampled else None,
+            sampler_options=dict(vars(o.sampler)) if sampled else {},
+        )
+
     def operator(self, subset: Subset, fm: FunctionalModel | None = None) -> CurvatureOperator:
         """The exact curvature ("ggn"/"hessian") on ``subset`` (gathered whole: m points) at
         ``fm``'s parameters."""
-        fm = fm or self.fm
-        x, y = self.subset_batch(subset, fm)
-        sampled = self.options.sample_size is not None
-        shrink = resolve_shrinkage(self.options.shrinkage, len(subset)) if sampled else 0.0
-        return CurvatureOperator(
-            fm, x, y, subset.weights, kind=self.options.curvature, shrinkage=shrink,
-            budget=self.budget,
-        )
+        kind = self.options.curvature if self.options.curvature in ("ggn", "hessian") else "ggn"
+        return curvature_kinds.build(kind).build(self.request(subset, fm))
 
-    def curvature(self, subset: Subset, fm: FunctionalModel | None = None) -> Any:
+    def curvature(self, subset: Subset, fm: FunctionalModel | None = None,
+                  request: curvature_kinds.CurvatureRequest | None = None) -> Any:
         """The curvature of the fit's kind on ``subset`` at ``fm``'s parameters: an exact
         :class:`CurvatureOperator` ("ggn", "hessian") or a fitted
-        :class:`~repif.kfac.KroneckerCurvature` ("kfac", "ekfac")."""
+        :class:`~repif.curvature.kfac.KroneckerCurvature` ("kfac", "ekfac")."""
         o = self.options
         kind = curvature_kinds.get(o.curvature)
         options = o.kronecker_options if kind.kronecker else {}
-        return curvature_kinds.build(o.curvature, options).build(self, subset, fm or self.fm)
+        return curvature_kinds.build(o.curvature, options).build(
+            request or self.request(subset, fm))
 
     def prepare(self, subset: Subset, fm: FunctionalModel | None = None) -> FittedCurvature:
         """A solver fitted on ``subset`` at ``fm``'s parameters (default: the trained ones).
@@ -260,10 +274,12 @@ class CurvatureFitter:
         if "seed" in _solvers.accepted_options(o.solver):
             options.setdefault("seed", o.seed)  # LiSSA batches, Lanczos start vector
         timings = {}
+        request = self.request(subset, fm)  # the subset gathered once for both fits
         if isinstance(options.get("preconditioner"), str):
             kind = curvature_kinds.build(options["preconditioner"], o.kronecker_options)
-            options["preconditioner"] = kind.build(self, subset, fm or self.fm)
+            options["preconditioner"] = kind.build(request)
             timings["preconditioner_fit_s"] = time.perf_counter() - t0
-        solver = _solvers.build(o.solver, options).fit(self.curvature(subset, fm), o.damping)
+        curvature = self.curvature(subset, fm, request)
+        solver = _solvers.build(o.solver, options).fit(curvature, o.damping)
         return FittedCurvature(subset, solver,
                                {"solver_fit_s": time.perf_counter() - t0, **timings})

@@ -1,6 +1,7 @@
 """The estimator's options, checked once when it is built: which component takes which option,
 the two-phase factor, the Kronecker fit's options against their curvature and solver, the task
-and its weight decay, and the text every process must agree on (docs/design.md, "Parts").
+and its weight decay, and the text every process must agree on (docs/design.md, "Parts (the
+architecture)").
 """
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from repif import curvature_kinds
 from repif import solvers as _solvers
+from repif.curvature import kinds as curvature_kinds
 from repif.task import ClassificationTask, Task
 from repif.validation import check_finite_number
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from repif import distributed
 from repif.fitting import CurvatureFitter, FittedCurvature
-from repif.gradients import sum_gradient
+from repif.gradients.streaming import sum_gradient
 from repif.validation import check_finite_number, check_indices, check_vector
 
 

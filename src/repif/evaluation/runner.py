@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from repif import curvature_kinds, io
+from repif import io
 from repif import samplers as _samplers
 from repif import solvers as _solvers
+from repif.curvature import kinds as curvature_kinds
 from repif.estimator import InfluenceEstimator
 from repif.evaluation import scores
 from repif.evaluation.ground_truth import Job, ModelStore, Recipe, lds_subsets, targets

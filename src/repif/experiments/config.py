@@ -9,7 +9,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from repif import curvature_kinds, kfac, samplers, solvers
+from repif import samplers, solvers
+from repif.curvature import kfac
+from repif.curvature import kinds as curvature_kinds
 from repif.memory import MemoryBudget
 from repif.validation import check_choice
 
@@ -59,7 +61,7 @@ class StudyConfig:
     validation_fraction: float = 0.1
     dtype: str = "float64"
     device: str = "cpu"
-    #: Options of a Kronecker-factored curvature ("kfac"/"ekfac"; repif.curvature_kinds.KFAC):
+    #: Options of a Kronecker-factored curvature ("kfac"/"ekfac"; repif.curvature.kinds.KFAC):
     #: None keeps the library's default ("exact" output Hessian; other layers an error).
     fisher: str | None = None
     other_layers: str | None = None

@@ -37,8 +37,8 @@ from repif.datasets.base import stratified_subset
 from repif.estimator import InfluenceEstimator
 from repif.experiments.config import SCALE_GRID, StudyConfig, parse_sampler
 from repif.experiments.lock import OutputLock, OutputLockedError
+from repif.experiments.metrics import cosine, predict, relative_error, removal_scores
 from repif.experiments.resources import measure
-from repif.metrics import cosine, predict, relative_error, removal_scores
 from repif.training import load_or_train, train
 from repif.unlearning import remaining_indices, removal_gradient
 

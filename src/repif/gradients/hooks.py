@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repif.gradients import per_sample_gradients
+from repif.gradients.streaming import per_sample_gradients
 from repif.task import FunctionalModel
 from repif.validation import check_choice
 

@@ -63,7 +63,7 @@ def test_class_removal_writes_results_and_report(first_run):
     assert {c["sampler"] for c in results["cells"]} == {"random", "logit-importance+shrink"}
     assert {r["kind"] for r in results["references"]} == {"full", "retrain"}
     assert (out / "report.html").is_file()
-    assert len(list(out.glob("*.png"))) == 5
+    assert len(list(out.glob("*.png"))) == 6  # five metrics against m, F1 against time
 
 
 def test_python_dash_m_entry_point(tmp_path):

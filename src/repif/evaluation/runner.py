@@ -18,7 +18,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from repif.experiments.study import (
     out_of_range,
 )
 from repif.task import ClassificationTask, Task
+from repif.validation import dataclass_from_dict
 
 log = logging.getLogger("repif.evaluation")
 
@@ -230,8 +231,9 @@ class EvaluationConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvaluationConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The configuration stored in a results file; an unknown key is a ValueError naming
+        it."""
+        return dataclass_from_dict(cls, d, "the evaluation configuration")
 
     def parsed_methods(self) -> list[Method]:
         return [parse_method(m) for m in self.methods]

@@ -6,14 +6,14 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from repif import samplers, solvers
 from repif.curvature import kfac
 from repif.curvature import kinds as curvature_kinds
 from repif.memory import MemoryBudget
-from repif.validation import check_choice
+from repif.validation import check_choice, dataclass_from_dict
 
 #: Suffix on a sampler name that turns on the diagonal shrinkage fill (``shrinkage="auto"``).
 SHRINK_SUFFIX = "+shrink"
@@ -148,8 +148,9 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The configuration stored in a results file; an unknown key is a ValueError naming
+        it."""
+        return dataclass_from_dict(cls, d, "the study configuration")
 
     def cell_hash(self) -> str:
         """Hash of the fields that change a cell's numbers; cells are reused only if it matches."""

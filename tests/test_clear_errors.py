@@ -195,8 +195,8 @@ def test_the_same_pair_check_serves_the_estimator_and_the_study(linear, data):
     ("--lr", "0", "argument --lr: expected a finite number > 0"),
     ("--train-seed", "-1", "argument --train-seed: expected a seed, a whole number ≥ 0"),
     ("--subset-seed", "-2", "argument --subset-seed: expected a seed, a whole number ≥ 0"),
-    ("--hidden", "0", "argument --hidden: hidden widths must be positive integers"),
-    ("--hidden", "64,-8", "argument --hidden: hidden widths must be positive integers"),
+    ("--hidden", "0", "argument --width/--hidden: hidden widths must be positive integers"),
+    ("--hidden", "64,-8", "argument --width/--hidden: hidden widths must be positive integers"),
 ])
 def test_evaluate_flags_out_of_range_are_usage_errors(tmp_path, capsys, flag, value, words):
     out = tmp_path / "run"

@@ -191,3 +191,11 @@ def test_out_not_writable(earlier, tmp_path, capsys, sub):
         assert sorted(p.name for p in locked.iterdir()) == ["results.json"]
     finally:
         locked.chmod(0o700)
+
+
+def test_command_line_defaults_are_the_configuration_defaults():
+    """`repif class-removal` with no options runs StudyConfig()'s defaults: they live once."""
+    from repif.experiments.config import StudyConfig
+
+    args = cli._parser().parse_args(["class-removal"])
+    assert cli._config(args) == StudyConfig()

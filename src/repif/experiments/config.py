@@ -42,8 +42,8 @@ class StudyConfig:
     model: str = "mlp"
     width: int | None = None  # model size (see repif.models.build); None: the model's default
     remove: list[int] = field(default_factory=lambda: [0])
-    samplers: list[str] = field(default_factory=lambda: ["random"])
-    sizes: list[int] = field(default_factory=lambda: [64])
+    samplers: list[str] = field(default_factory=lambda: ["random", "logit-importance"])
+    sizes: list[int] = field(default_factory=lambda: [16, 64, 256])
     seeds: int = 3
     solver: str = "cg"
     curvature: str = "ggn"

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from repif import io
+from repif import io, runs
 from repif import samplers as _samplers
 from repif import solvers as _solvers
 from repif.curvature import kinds as curvature_kinds
@@ -35,7 +34,6 @@ from repif.estimator import InfluenceEstimator
 from repif.evaluation import scores
 from repif.evaluation.ground_truth import Job, ModelStore, Recipe, lds_subsets, targets
 from repif.experiments.config import SHRINK_SUFFIX, split_sampler
-from repif.experiments.lock import OutputLock, OutputLockedError
 from repif.experiments.resources import measure
 from repif.experiments.study import (
     StudyEnvironmentError,
@@ -44,6 +42,7 @@ from repif.experiments.study import (
     check_output_dir,
     out_of_range,
 )
+from repif.runs import OutputLock
 from repif.task import ClassificationTask, Task
 from repif.validation import dataclass_from_dict
 
@@ -587,26 +586,11 @@ class Evaluation:
         return row
 
     # ------------------------------------------------------------------ output directory
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold the output directory's lock (re-entrant); clears temporaries left by killed
         writes, which only the lock holder may do."""
-        if self._lock.held:
-            yield
-            return
-        try:
-            self._lock.acquire()
-        except OutputLockedError as err:
-            raise StudyEnvironmentError(str(err)) from None
-        try:
-            removed = [*io.remove_temporaries(self.out),
-                       *io.remove_temporaries(self.out / "ground-truth", recursive=True)]
-            if removed:
-                log.warning("removed %d temporary file(s) that interrupted writes left in %s",
-                            len(removed), self.out)
-            yield
-        finally:
-            self._lock.release()
+        return runs.locked_run(self._lock, self.out, [
+            (self.out, False), (self.out / "ground-truth", True)], StudyEnvironmentError)
 
     def _previous(self, h: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         path = self.out / "results.json"
@@ -628,21 +612,7 @@ class Evaluation:
         return stored, stale
 
     def _back_up(self, stale: dict[str, Any]) -> None:
-        h = stale["config_hash"]
-        path = self.out / f"results.{h}.json"
-        merged = stale
-        if path.exists():
-            try:
-                merged = merge_results(read_results(path), stale)
-            except EvaluationError as err:
-                log.warning("keeping the unreadable backup %s as it is (%s)", path, err)
-                n = 1
-                while (self.out / f"results.{h}.{n}.json").exists():
-                    n += 1
-                path = self.out / f"results.{h}.{n}.json"
-        io.write_json_atomic(path, merged)
-        log.warning("configuration changed: the earlier results (%d cells) are kept in %s",
-                    len(merged["cells"]), path)
+        runs.back_up(self.out, stale, read_results, merge_results, EvaluationError)
 
     def run(self) -> dict[str, Any]:
         """Train (or load) the ground truth, then score every cell not yet done; returns the

@@ -526,8 +526,8 @@ class InfluenceEstimator:
         return TopK(lo.indices, lo.values, hi.indices, hi.values)
 
     # ------------------------------------------------------------------ removal
-    def remove(self, indices: Tensor, scale: float = 1.0, steps: int = 1,
-               gradient: Tensor | None = None) -> nn.Module:
+    def remove(self, indices: Tensor, scale: float | str = 1.0, steps: int = 1,
+               gradient: Tensor | None = None, validation: Any = None) -> nn.Module:
         """A new model with training points ``indices`` removed by Newton (influence) steps.
 
         See :func:`repif.unlearning.newton_removal` for the update and what ``scale`` (η) and
@@ -537,6 +537,16 @@ class InfluenceEstimator:
         ``gradient``: the first step's g for these indices at this model's parameters
         (:func:`repif.unlearning.removal_gradient`), when already computed — e.g. once for
         several estimators of the same model removing the same points; None computes it.
+
+        ``scale="auto"`` picks η on ``validation`` (held-out points in any form ``influence``
+        takes for its test side; they need points of the removed class(es) and of the others)
+        as the command line's ``--scale auto`` does: the η of :data:`repif.unlearning.SCALE_GRID`
+        with the best removal F1 there. After the update the retained classes' accuracy is
+        measured (on ``validation``, else on the curvature subset's remaining training points)
+        and a :class:`repif.RemovalWarning` names the drop and the fix when less than 90% of it
+        is kept. ``last_removal`` then holds the η used and the accuracies measured.
         """
+        source = None if validation is None else self._test_source(validation)
+        self.last_removal: dict[str, float] = {}
         return newton_removal(self.fitter, self._fitted, indices, scale=scale, steps=steps,
-                              gradient=gradient)
+                              gradient=gradient, validation=source, report=self.last_removal)

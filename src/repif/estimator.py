@@ -21,6 +21,7 @@ Conventions (used everywhere in repif):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -171,6 +172,12 @@ class InfluenceEstimator:
         self.shrinkage = shrinkage
         self.solver_options = solver_options
         self.task = _options.resolve_task(task, weight_decay)
+        if solver == "eigen" and damping + self.task.weight_decay <= 0:
+            raise ValueError(
+                "solver 'eigen' needs damping + weight_decay > 0: a Kronecker factor of softmax "
+                "cross-entropy is singular (the output layer's G has the all-ones null "
+                "direction: shifting every logit together leaves the loss unchanged), so λ = 0 "
+                "would fail after the fit; pass damping > 0, e.g. 1e-3 × the curvature's scale")
         self.progress = progress
 
         params = list(model.parameters())
@@ -287,6 +294,27 @@ class InfluenceEstimator:
     def fit(self, pool: Tensor | None = None) -> InfluenceEstimator:
         """Draw the curvature subset from ``pool`` (training indices) and prepare the solver."""
         self._fitted = self.fitter.draw(pool)
+        return self
+
+    def set_damping(self, damping: float) -> InfluenceEstimator:
+        """Change λ, keeping the fitted curvature: the solver is prepared again on the same
+        subset and the curvature already built there (Kronecker factors and their
+        eigendecomposition are not recomputed; an exact curvature's solver refactorises). Also
+        after a fit whose solver refused the old damping: the next fit reuses what was fitted.
+        Returns self."""
+        check_finite_number(damping, "damping")
+        if not damping >= 0:
+            raise ValueError(f"damping must be ≥ 0, got {damping}; a typical value is 1e-3–1e-1")
+        self.damping = float(damping)
+        self.fitter.options = dataclasses.replace(self.fitter.options, damping=float(damping))
+        if self._fitted is not None:
+            subset, timings = self._fitted.subset, self._fitted.timings
+            prepared = self.fitter.prepare(subset)
+            self._fitted = FittedCurvature(subset, prepared.solver,
+                                           {**timings, **prepared.timings})
+        elif self.fitter.kept is not None:  # a fit whose solver failed: finish it now
+            subset = self.fitter.kept[0]
+            self._fitted = self.fitter.prepare(subset)
         return self
 
     def draw(self, pool: Tensor | None = None) -> FittedCurvature:

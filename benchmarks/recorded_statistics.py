@@ -24,7 +24,7 @@ import torch
 
 import repif
 from repif import datasets, io
-from repif.experiments.metrics import predict, removal_scores
+from repif.metrics import predict, removal_scores
 from repif.unlearning import remaining_indices, removal_gradient
 
 #: GGN damping and the training L2 (both in the curvature).

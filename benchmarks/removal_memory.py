@@ -38,10 +38,10 @@ def one(budget: str, sampler: str = "logit-importance", sample_size: int = SAMPL
     torch.set_num_threads(1)
     from repif import io
     from repif.experiments.config import StudyConfig, parse_sampler
-    from repif.experiments.metrics import predict, removal_scores
     from repif.experiments.resources import measure
     from repif.experiments.study import Study
     from repif.memory import parse_bytes
+    from repif.metrics import predict, removal_scores
     from repif.unlearning import remaining_indices
 
     results = io.read_json(STUDY / "results.json")

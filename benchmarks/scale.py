@@ -60,7 +60,7 @@ def run_step(job: dict[str, Any]) -> dict[str, Any]:
 
     import repif
     from repif import datasets
-    from repif.experiments.metrics import removal_scores
+    from repif.metrics import removal_scores
 
     ds = datasets.load("mnist", data_dir=job["data_dir"])
     if job.get("weights", "trained") == "init":  # time and memory do not depend on the values

@@ -26,7 +26,7 @@ import torch
 
 import repif
 from repif import datasets, distributed, models
-from repif.experiments.metrics import predict, removal_scores
+from repif.metrics import predict, removal_scores
 
 
 def _setup():

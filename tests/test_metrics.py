@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from repif.experiments.metrics import (
+from repif.metrics import (
     RemovalScores,
     cosine,
     f1_score,

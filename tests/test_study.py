@@ -19,8 +19,8 @@ import pytest
 import repif.experiments.resources as resources
 from repif import cli
 from repif.experiments.config import StudyConfig
-from repif.experiments.metrics import f1_score
 from repif.experiments.study import MEASURED_FIELDS, Study, StudyError
+from repif.metrics import f1_score
 
 SAMPLERS = ["random", "logit-importance"]
 SIZES = [8, 64]

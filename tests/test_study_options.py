@@ -10,8 +10,8 @@ from torch import nn
 import repif
 from repif.cli import _config, _parser
 from repif.experiments.config import StudyConfig, parse_sampler
-from repif.experiments.metrics import f1_score, removal_scores
 from repif.memory import parse_bytes
+from repif.metrics import f1_score, removal_scores
 
 
 @pytest.mark.parametrize("text, expected", [

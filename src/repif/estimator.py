@@ -21,6 +21,7 @@ Conventions (used everywhere in repif):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,6 +173,12 @@ class InfluenceEstimator:
         self.shrinkage = shrinkage
         self.solver_options = solver_options
         self.task = _options.resolve_task(task, weight_decay)
+        if solver == "eigen" and damping + self.task.weight_decay <= 0:
+            raise ValueError(
+                "solver 'eigen' needs damping + weight_decay > 0: a Kronecker factor of softmax "
+                "cross-entropy is singular (the output layer's G has the all-ones null "
+                "direction: shifting every logit together leaves the loss unchanged), so λ = 0 "
+                "would fail after the fit; pass damping > 0, e.g. 1e-3 × the curvature's scale")
         self.progress = progress
 
         params = list(model.parameters())
@@ -288,6 +295,27 @@ class InfluenceEstimator:
     def fit(self, pool: Tensor | None = None) -> InfluenceEstimator:
         """Draw the curvature subset from ``pool`` (training indices) and prepare the solver."""
         self._fitted = self.fitter.draw(pool)
+        return self
+
+    def set_damping(self, damping: float) -> InfluenceEstimator:
+        """Change λ, keeping the fitted curvature: the solver is prepared again on the same
+        subset and the curvature already built there (Kronecker factors and their
+        eigendecomposition are not recomputed; an exact curvature's solver refactorises). Also
+        after a fit whose solver refused the old damping: the next fit reuses what was fitted.
+        Returns self."""
+        check_finite_number(damping, "damping")
+        if not damping >= 0:
+            raise ValueError(f"damping must be ≥ 0, got {damping}; a typical value is 1e-3–1e-1")
+        self.damping = float(damping)
+        self.fitter.options = dataclasses.replace(self.fitter.options, damping=float(damping))
+        if self._fitted is not None:
+            subset, timings = self._fitted.subset, self._fitted.timings
+            prepared = self.fitter.prepare(subset)
+            self._fitted = FittedCurvature(subset, prepared.solver,
+                                           {**timings, **prepared.timings})
+        elif self.fitter.kept is not None:  # a fit whose solver failed: finish it now
+            subset = self.fitter.kept[0]
+            self._fitted = self.fitter.prepare(subset)
         return self
 
     def draw(self, pool: Tensor | None = None) -> FittedCurvature:
@@ -527,8 +555,8 @@ class InfluenceEstimator:
         return TopK(lo.indices, lo.values, hi.indices, hi.values)
 
     # ------------------------------------------------------------------ removal
-    def remove(self, indices: Tensor, scale: float = 1.0, steps: int = 1,
-               gradient: Tensor | None = None) -> nn.Module:
+    def remove(self, indices: Tensor, scale: float | str = 1.0, steps: int = 1,
+               gradient: Tensor | None = None, validation: Any = None) -> nn.Module:
         """A new model with training points ``indices`` removed by Newton (influence) steps.
 
         See :func:`repif.unlearning.newton_removal` for the update and what ``scale`` (η) and
@@ -538,6 +566,16 @@ class InfluenceEstimator:
         ``gradient``: the first step's g for these indices at this model's parameters
         (:func:`repif.unlearning.removal_gradient`), when already computed — e.g. once for
         several estimators of the same model removing the same points; None computes it.
+
+        ``scale="auto"`` picks η on ``validation`` (held-out points in any form ``influence``
+        takes for its test side; they need points of the removed class(es) and of the others)
+        as the command line's ``--scale auto`` does: the η of :data:`repif.unlearning.SCALE_GRID`
+        with the best removal F1 there. After the update the retained classes' accuracy is
+        measured (on ``validation``, else on the curvature subset's remaining training points)
+        and a :class:`repif.RemovalWarning` names the drop and the fix when less than 90% of it
+        is kept. ``last_removal`` then holds the η used and the accuracies measured.
         """
+        source = None if validation is None else self._test_source(validation)
+        self.last_removal: dict[str, float] = {}
         return newton_removal(self.fitter, self._fitted, indices, scale=scale, steps=steps,
-                              gradient=gradient)
+                              gradient=gradient, validation=source, report=self.last_removal)

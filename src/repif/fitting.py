@@ -112,6 +112,11 @@ class CurvatureFitter:
         self.statistics: tuple[Tensor, Tensor, Tensor] | None = None
         #: Whether a draw has read the pool statistics (a sampler that needs them).
         self.statistics_used = False
+        #: The last curvature built at the trained parameters, with the subset it was built on:
+        #: kept so that a solver failing after an expensive fit (a damping too small for
+        #: 'eigen'), a refit with the same subset or a new damping reuses it (Kronecker factors
+        #: and their eigendecomposition do not depend on λ).
+        self.kept: tuple[Subset, str, Any] | None = None
 
     def use_statistics(self, statistics: PoolStatistics | tuple[Tensor, Tensor, Tensor]) -> None:
         """Serve later pool statistics from ``statistics`` (logits, features, targets of all
@@ -259,10 +264,19 @@ class CurvatureFitter:
         :class:`CurvatureOperator` ("ggn", "hessian") or a fitted
         :class:`~repif.curvature.kfac.KroneckerCurvature` ("kfac", "ekfac")."""
         o = self.options
+        own = fm is None or fm is self.fm
+        if own and self.kept is not None:
+            kept, name, curvature = self.kept
+            if name == o.curvature and torch.equal(kept.indices, subset.indices) and \
+                    torch.equal(kept.weights, subset.weights):
+                return curvature
         kind = curvature_kinds.get(o.curvature)
         options = o.kronecker_options if kind.kronecker else {}
-        return curvature_kinds.build(o.curvature, options).build(
+        curvature = curvature_kinds.build(o.curvature, options).build(
             request or self.request(subset, fm))
+        if own:
+            self.kept = (subset, o.curvature, curvature)
+        return curvature
 
     def prepare(self, subset: Subset, fm: FunctionalModel | None = None) -> FittedCurvature:
         """A solver fitted on ``subset`` at ``fm``'s parameters (default: the trained ones).

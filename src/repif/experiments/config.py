@@ -13,6 +13,7 @@ from repif import samplers, solvers
 from repif.curvature import kfac
 from repif.curvature import kinds as curvature_kinds
 from repif.memory import MemoryBudget
+from repif.unlearning import SCALE_GRID as _SCALE_GRID
 from repif.validation import check_choice, dataclass_from_dict
 
 #: Suffix on a sampler name that turns on the diagonal shrinkage fill (``shrinkage="auto"``).
@@ -20,14 +21,8 @@ SHRINK_SUFFIX = "+shrink"
 #: Sampler-spec suffix ``+candN``: two-phase sampling from N·m uniform candidates.
 CANDIDATES_PREFIX = "cand"
 
-#: Grid for ``scale="auto"``: η is picked on the validation split, never on the test set.
-#: η ≥ 1 compensates a curvature that overstates how stiff a deep network is (exact GGN/Hessian
-#: on a small subset); η < 1 one that understates it (Kronecker factors with a sampled output
-#: Hessian overshot ResNet-18's removal by ≈ 300×: best validation F1 at η ≈ 0.003). The values
-#: ≥ 1 are tried first, so a value below 1 is taken only when strictly better (ties keep the
-#: larger step, as before the small values existed).
-SCALE_GRID = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0,
-              0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
+#: Grid for ``scale="auto"`` (one grid for the API and the study: see repif.unlearning).
+SCALE_GRID = _SCALE_GRID
 
 #: Fields that do not change a cell's numbers (only which cells exist, or how they are shown;
 #: the memory budget only how the streamed passes are chunked).

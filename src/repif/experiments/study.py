@@ -34,12 +34,12 @@ from tqdm.auto import tqdm
 from repif import datasets, io, models, runs, samplers
 from repif.datasets.base import stratified_subset
 from repif.estimator import InfluenceEstimator
-from repif.experiments.config import SCALE_GRID, StudyConfig, parse_sampler
-from repif.experiments.metrics import cosine, predict, relative_error, removal_scores
+from repif.experiments.config import StudyConfig, parse_sampler
 from repif.experiments.resources import measure
+from repif.metrics import cosine, predict, relative_error, removal_scores
 from repif.runs import OutputLock
 from repif.training import load_or_train, train
-from repif.unlearning import remaining_indices, removal_gradient
+from repif.unlearning import choose_scale, remaining_indices, removal_gradient
 
 log = logging.getLogger("repif.study")
 
@@ -382,19 +382,18 @@ class Study:
         return row
 
     def _pick_scale(self, est: InfluenceEstimator, v: Tensor, cls: int) -> float:
-        """η maximising validation F1 of a one-step update along the full-pool direction."""
+        """η maximising validation F1 of a one-step update along the full-pool direction
+        (:func:`repif.unlearning.choose_scale`, as the API's ``remove(scale="auto")``)."""
         if self.original_val is None or not bool((self.val[1] == cls).any()):
             raise StudyError(f"the validation split has no point of class {cls}; pass --scale")
-        best, best_f1 = SCALE_GRID[0], -1.0
-        theta = est.fm.theta
-        for eta in SCALE_GRID:
+
+        def predictions(theta: Tensor) -> Tensor:
             model = copy.deepcopy(est.model)
-            est.fm.space.set(model, theta + eta * v)
-            pred = predict(model, self.val[0])
-            f1 = removal_scores(pred, self.original_val, self.val[1], cls).f1
-            if f1 > best_f1 + 1e-12:
-                best, best_f1 = eta, f1
-        return best
+            est.fm.space.set(model, theta)
+            return predict(model, self.val[0])
+
+        return choose_scale(predictions, est.fm.theta, v, self.val[1], self.original_val,
+                            [cls])[0]
 
     def _retrain(self, cls: int, rest: Tensor) -> dict[str, Any]:
         c = self.config

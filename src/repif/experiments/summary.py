@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from repif.experiments.metrics import seed_spread
+from repif.metrics import seed_spread
 
 BASELINE = "random"
 

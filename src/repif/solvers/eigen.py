@@ -31,7 +31,10 @@ class EigenSolver(Solver):
         if not low > singular_threshold(dtype) * max(high, 0.0) or not high > 0:
             raise SolverDivergedError(
                 f"solver 'eigen': an eigenvalue of C + λI is zero to working precision "
-                f"(smallest {low:.3e} against largest {high:.3e}); {self.fix()}"
+                f"(smallest {low:.3e} against largest {high:.3e}); {self.fix()}: the "
+                "factors stay fitted, so estimator.set_damping(λ) with λ ≳ "
+                f"{max(high, 0.0) * singular_threshold(dtype) * 1e3:.1e} re-solves without "
+                "refitting"
             )
 
     def _solve(self, g: Tensor) -> Tensor:

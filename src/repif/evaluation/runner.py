@@ -67,10 +67,13 @@ class EvaluationError(StudyError, ValueError):
 
 @dataclass(frozen=True)
 class Method:
-    """An attribution method: ``[curvature:]solver[@sampler[+shrink]]`` or a baseline name.
+    """An attribution method: ``[curvature:]solver[+key=value…][@sampler[+shrink]]`` or a
+    baseline name.
 
     Without ``@sampler`` the curvature uses the whole training set; with it, a subset of each
-    of the run's sample sizes drawn by that sampler (one cell per seed).
+    of the run's sample sizes drawn by that sampler (one cell per seed). ``+key=value`` after
+    the solver passes a solver option (numbers read as numbers), e.g.
+    ``ggn:woodbury+prior=ekfac@logit-importance``.
     """
 
     spec: str
@@ -78,6 +81,7 @@ class Method:
     solver: str
     sampler: str | None = None
     shrinkage: float | str = 0.0
+    solver_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def sampled(self) -> bool:
@@ -96,6 +100,14 @@ def parse_method(spec: str) -> Method:
     body, at, sampler = s.partition("@")
     curvature, colon, solver = body.rpartition(":")
     curvature = curvature if colon else "ggn"
+    solver, *option_parts = solver.split("+")
+    options = []
+    for part in option_parts:
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"method {spec!r}: solver option {part!r} is not key=value (write "
+                             "e.g. ggn:woodbury+prior=ekfac@random)")
+        options.append((key, _option_value(value)))
     if curvature not in curvature_kinds.names():
         raise ValueError(f"method {spec!r}: unknown curvature {curvature!r}; known: "
                          f"{', '.join(curvature_kinds.names())} (write e.g. ggn:direct or "
@@ -108,14 +120,30 @@ def parse_method(spec: str) -> Method:
     except ValueError as err:
         raise ValueError(f"method {spec!r}: {err} (methods are written curvature:solver, "
                          "e.g. ekfac:eigen or ggn:cg)") from None
+    if options:
+        try:
+            _solvers.build(solver, dict(options))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"method {spec!r}: {err}") from None
+    opts = tuple(options)
     if not at:
-        return Method(s, curvature, solver)
+        return Method(s, curvature, solver, solver_options=opts)
     name, shrinkage = split_sampler(sampler)
     if name not in _samplers.names():
         raise ValueError(f"method {spec!r}: unknown sampler {name!r}; known: "
                          f"{', '.join(_samplers.names())} (append {SHRINK_SUFFIX} for the "
                          "shrinkage fill)")
-    return Method(s, curvature, solver, name, shrinkage)
+    return Method(s, curvature, solver, name, shrinkage, opts)
+
+
+def _option_value(text: str) -> Any:
+    """A solver option's value from a method spec: an int, a float, or the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 @dataclass
@@ -560,7 +588,8 @@ class Evaluation:
                 self.model, train, curvature=method.curvature, damping=damping,
                 solver=method.solver, sampler=method.sampler or "random",
                 sample_size=size or None, seed=seed, shrinkage=method.shrinkage,
-                task=self._task(), device=self.device).fit()
+                task=self._task(), device=self.device,
+                solver_options=dict(method.solver_options)).fit()
             fit_s = sum(est.timings.values())
             influence = est.influence(test)
         tau = scores.orient(influence.numpy(), c.target)

@@ -26,7 +26,6 @@ exact for the combined curvature:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -101,7 +100,7 @@ class WoodburySolver(Solver):
                                  "both: leave shrinkage at 0 when you pass a prior")
             self._prepare_prior(s, mu)
             return
-        self.prior_curvature = None
+        self.basis = None
         if op.shrinkage:
             diag = torch.zeros(op.size, dtype=s.dtype, device=s.device)
             for block in s.split(ROW_BLOCK):
@@ -121,32 +120,26 @@ class WoodburySolver(Solver):
         self.kept_bytes = s.numel() * s.element_size() + self._chol.numel() * s.element_size()
 
     def _prepare_prior(self, s: Tensor, mu: float) -> None:
-        """D = μI + Q diag(d) Qᵀ from the Kronecker prior (module doc); S = A' D^{-1/2}."""
+        """D = μI + Q diag(d) Qᵀ from the Kronecker prior (module doc). The factor is kept
+        rotated into the prior's eigenbasis, where D is diagonal: S = A'Q (μ + d)^{-1/2}."""
         op = self.operator
-        prior = resolve_prior(self.prior, op)
-        if self.prior_mode == "blend":
-            rho = self.prior_weight
-            eig = [f.eigenvalues * rho for f in prior.factors]
-            s.mul_((1.0 - rho) ** 0.5)
-        else:
-            own = [torch.zeros_like(f.eigenvalues) for f in prior.factors]
-            for block in s.split(ROW_BLOCK):
-                for i, (layer, f) in enumerate(zip(prior.layers, prior.factors, strict=True)):
-                    rot = torch.matmul(f.q_g.T, layer.gather(block)) @ f.q_a
-                    own[i] += rot.square().sum(0)
-            eig = [(f.eigenvalues - o).clamp_min(0) for f, o in zip(prior.factors, own,
-                                                                    strict=True)]
-        # the prior's weight decay is the operator's (μ counts it once)
-        self.prior_curvature = KroneckerCurvature(
-            prior.kind, prior.fm, prior.layers,
-            [dataclasses.replace(f, eigenvalues=e) for f, e in zip(prior.factors, eig,
-                                                                    strict=True)],
-            prior.others, prior.other_layers, prior.fisher, weight_decay=op.weight_decay,
-            budget=prior.budget, weight_sharing=prior.weight_sharing)
-        self.d_isqrt = None
-        self.mu = mu
+        prior = self.basis = resolve_prior(self.prior, op)
+        own = torch.zeros(op.size, dtype=s.dtype, device=s.device)
         for block in s.split(ROW_BLOCK):
-            block.copy_(self._d_isqrt(block))
+            block.copy_(_rotate(prior, block, inverse=False))
+            own += block.square().sum(0)
+        lam = torch.zeros(1, op.size, dtype=s.dtype, device=s.device)
+        for layer, f in zip(prior.layers, prior.factors, strict=True):
+            layer.scatter(f.eigenvalues[None], lam)
+        lam = lam[0]
+        if self.prior_mode == "blend":
+            d = self.prior_weight * lam
+            s.mul_((1.0 - self.prior_weight) ** 0.5)
+        else:  # the prior's eigenvalues less the subset's own (0 outside the layers: lam = 0)
+            d = (lam - own).clamp_min(0)
+        self.d_isqrt = (mu + d).rsqrt()
+        s.mul_(self.d_isqrt)
+        self.mu = mu
         inner = s @ s.T
         inner.diagonal().add_(1.0)
         self.factor = s
@@ -155,19 +148,31 @@ class WoodburySolver(Solver):
         self.kept_bytes = s.numel() * s.element_size() + self._chol.numel() * s.element_size()
 
     def _d_isqrt(self, v: Tensor) -> Tensor:
-        if getattr(self, "prior_curvature", None) is not None:
-            return self.prior_curvature.inverse_sqrt(v, self.damping)
         return v * self.d_isqrt if self.d_isqrt is not None else v * self.mu ** -0.5
 
     def _solve(self, g: Tensor) -> Tensor:
-        h = self._d_isqrt(g)  # (k, p)
+        basis = self.basis
+        h = self._d_isqrt(g if basis is None else _rotate(basis, g, inverse=False))  # (k, p)
         inner = torch.cholesky_solve(self.factor @ h.T, self._chol)  # (mC, k)
-        return self._d_isqrt(h - (self.factor.T @ inner).T)
+        v = self._d_isqrt(h - (self.factor.T @ inner).T)
+        return v if basis is None else _rotate(basis, v, inverse=True)
 
 
 
 #: How a Kronecker prior and the subset's factor combine (module doc).
 PRIOR_MODES = ("fill", "blend")
+
+
+def _rotate(prior: KroneckerCurvature, v: Tensor, inverse: bool) -> Tensor:
+    """(k, p) rows into the prior's Kronecker eigenbasis (Qᵀv per layer) or back (Qv); the
+    parameters outside its layers are left as they are."""
+    out = v.clone()
+    for layer, f in zip(prior.layers, prior.factors, strict=True):
+        m = layer.gather(v)
+        rot = (torch.matmul(f.q_g, m) @ f.q_a.T if inverse
+               else torch.matmul(f.q_g.T, m) @ f.q_a)
+        layer.scatter(rot, out)
+    return out
 
 
 def check_prior(value: Any) -> Any:

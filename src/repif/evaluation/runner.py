@@ -73,7 +73,8 @@ class Method:
     Without ``@sampler`` the curvature uses the whole training set; with it, a subset of each
     of the run's sample sizes drawn by that sampler (one cell per seed). ``+key=value`` after
     the solver passes a solver option (numbers read as numbers), e.g.
-    ``ggn:woodbury+prior=ekfac@logit-importance``.
+    ``ggn:woodbury+prior=ekfac@logit-importance``; after the sampler it passes a sampler
+    option, e.g. ``@logit-importance+proxy=gini-feature``.
     """
 
     spec: str
@@ -82,6 +83,7 @@ class Method:
     sampler: str | None = None
     shrinkage: float | str = 0.0
     solver_options: tuple[tuple[str, Any], ...] = ()
+    sampler_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def sampled(self) -> bool:
@@ -101,13 +103,7 @@ def parse_method(spec: str) -> Method:
     curvature, colon, solver = body.rpartition(":")
     curvature = curvature if colon else "ggn"
     solver, *option_parts = solver.split("+")
-    options = []
-    for part in option_parts:
-        key, eq, value = part.partition("=")
-        if not eq or not key:
-            raise ValueError(f"method {spec!r}: solver option {part!r} is not key=value (write "
-                             "e.g. ggn:woodbury+prior=ekfac@random)")
-        options.append((key, _option_value(value)))
+    options = _key_values(spec, option_parts, "solver")
     if curvature not in curvature_kinds.names():
         raise ValueError(f"method {spec!r}: unknown curvature {curvature!r}; known: "
                          f"{', '.join(curvature_kinds.names())} (write e.g. ggn:direct or "
@@ -128,12 +124,33 @@ def parse_method(spec: str) -> Method:
     opts = tuple(options)
     if not at:
         return Method(s, curvature, solver, solver_options=opts)
+    sampler_parts = sampler.split("+")
+    keyed = [p for p in sampler_parts[1:] if "=" in p]
+    sampler = "+".join(p for p in sampler_parts if "=" not in p)
     name, shrinkage = split_sampler(sampler)
     if name not in _samplers.names():
         raise ValueError(f"method {spec!r}: unknown sampler {name!r}; known: "
                          f"{', '.join(_samplers.names())} (append {SHRINK_SUFFIX} for the "
                          "shrinkage fill)")
-    return Method(s, curvature, solver, name, shrinkage, opts)
+    sampler_options = _key_values(spec, keyed, "sampler")
+    if sampler_options:
+        try:
+            _samplers.build(name, dict(sampler_options))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"method {spec!r}: {err}") from None
+    return Method(s, curvature, solver, name, shrinkage, opts, tuple(sampler_options))
+
+
+def _key_values(spec: str, parts: list[str], what: str) -> list[tuple[str, Any]]:
+    """``key=value`` parts of a method spec as (key, value) pairs."""
+    out = []
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"method {spec!r}: {what} option {part!r} is not key=value (write "
+                             "e.g. ggn:woodbury+prior=ekfac@logit-importance+proxy=gini-feature)")
+        out.append((key, _option_value(value)))
+    return out
 
 
 def _option_value(text: str) -> Any:
@@ -589,7 +606,8 @@ class Evaluation:
                 solver=method.solver, sampler=method.sampler or "random",
                 sample_size=size or None, seed=seed, shrinkage=method.shrinkage,
                 task=self._task(), device=self.device,
-                solver_options=dict(method.solver_options)).fit()
+                solver_options=dict(method.solver_options),
+                sampler_options=dict(method.sampler_options)).fit()
             fit_s = sum(est.timings.values())
             influence = est.influence(test)
         tau = scores.orient(influence.numpy(), c.target)

@@ -46,7 +46,7 @@ def _test_gradients(est, mlp) -> torch.Tensor:
     return est.test_gradients((xte[:3], yte[:3]))
 
 
-@pytest.mark.parametrize("mode", ["fill", "blend"])
+@pytest.mark.parametrize("mode", ["fill", "blend", "calibrate"])
 def test_prior_matches_dense_solve(digits_mlp, mode):
     est = _estimator(digits_mlp, prior="ekfac", prior_mode=mode, prior_weight=0.3)
     prior = est.solver.prior
@@ -62,8 +62,18 @@ def test_prior_matches_dense_solve(digits_mlp, mode):
     if mode == "fill":
         d = (lam - torch.einsum("jp,pq,jq->j", u, c_t, u)).clamp_min(0)
         combined = u.T @ torch.diag(d) @ u + c_t
-    else:
+    elif mode == "blend":
         combined = u.T @ torch.diag(0.3 * lam) @ u + 0.7 * c_t
+    else:
+        own = torch.einsum("jp,pq,jq->j", u, c_t, u)
+        scale = torch.where(own > 0, (0.7 * lam / own).sqrt(), torch.zeros_like(own))
+        rotated = u @ c_t @ u.T
+        calibrated = scale[:, None] * rotated * scale[None, :]
+        d = torch.where(own > 0, 0.3 * lam, lam)
+        combined = u.T @ (calibrated + torch.diag(d)) @ u
+        # its diagonal in the prior's eigenbasis is the prior's eigenvalues exactly
+        torch.testing.assert_close((u @ combined @ u.T).diagonal(), lam, rtol=1e-8,
+                                   atol=1e-12)
     g = _test_gradients(est, digits_mlp)
     eye = torch.eye(c_t.shape[0], dtype=c_t.dtype)
     ref = torch.linalg.solve(combined + LAMBDA * eye, g.T).T

@@ -22,6 +22,12 @@ exact for the combined curvature:
   pool GGN as m grows, and where the subset is blind it still sees the pool's eigenvalues.
 * ``prior_mode="blend"``: d = ρ·Λ_K and the factor scaled by √(1 − ρ), ρ = ``prior_weight``:
   the convex combination ρK + (1 − ρ)C_T (a shrinkage toward the prior).
+* ``prior_mode="calibrate"``: the subset supplies the correlations between the prior's
+  eigendirections and the prior their variances. Each rotated column of the subset's factor is
+  rescaled so that the subset's diagonal in the eigenbasis becomes (1 − ρ)·Λ_K, and ρ·Λ_K is
+  added (all of Λ_K in directions the subset does not touch): the diagonal of the combined
+  curvature in the eigenbasis is the prior's exactly, and ρ shrinks the subset's correlations
+  toward none (ρ = 1: the prior alone; ρ = 0: the subset's correlations at the prior's scale).
 """
 
 from __future__ import annotations
@@ -132,9 +138,17 @@ class WoodburySolver(Solver):
         for layer, f in zip(prior.layers, prior.factors, strict=True):
             layer.scatter(f.eigenvalues[None], lam)
         lam = lam[0]
+        rho = self.prior_weight
         if self.prior_mode == "blend":
-            d = self.prior_weight * lam
-            s.mul_((1.0 - self.prior_weight) ** 0.5)
+            d = rho * lam
+            s.mul_((1.0 - rho) ** 0.5)
+        elif self.prior_mode == "calibrate":
+            # a direction the subset touches only through round-off counts as unseen
+            seen = own > UNSEEN * own.max()
+            scale = torch.where(seen, ((1.0 - rho) * lam / own.clamp_min(
+                torch.finfo(own.dtype).tiny)).sqrt(), torch.zeros_like(own))
+            s.mul_(scale)
+            d = torch.where(seen, rho * lam, lam)
         else:  # the prior's eigenvalues less the subset's own (0 outside the layers: lam = 0)
             d = (lam - own).clamp_min(0)
         self.d_isqrt = (mu + d).rsqrt()
@@ -159,8 +173,12 @@ class WoodburySolver(Solver):
 
 
 
+#: ``calibrate``: a rotated column whose squared norm is below this fraction of the largest
+#: holds only round-off, not a direction the subset sees.
+UNSEEN = 1e-12
+
 #: How a Kronecker prior and the subset's factor combine (module doc).
-PRIOR_MODES = ("fill", "blend")
+PRIOR_MODES = ("fill", "blend", "calibrate")
 
 
 def _rotate(prior: KroneckerCurvature, v: Tensor, inverse: bool) -> Tensor:

@@ -9,6 +9,7 @@ architecture)").
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class FitOptions:
 #: Seed stream of the uniform candidate draw, apart from the sampler's own stream (same seed ⇒
 #: same candidates ⇒ same subset, bit for bit).
 CANDIDATE_STREAM = 0x5EED
+#: Seed stream of the uniform draw a Kronecker prior is fitted on (``prior_size``).
+PRIOR_STREAM = 0x9A10
 
 
 def candidate_pool(pool: Tensor, m: int, factor: float, seed: int) -> Tensor:
@@ -208,7 +211,7 @@ class CurvatureFitter:
             subset = Subset(distributed.broadcast(subset.indices),
                             distributed.broadcast(subset.weights))
         sample_s = time.perf_counter() - t0
-        fitted = self.prepare(subset)
+        fitted = self.prepare(subset, pool=pool)
         return FittedCurvature(subset, fitted.solver, {"sample_s": sample_s, **fitted.timings})
 
     def select(self, pool: Tensor | None = None, seed: int | None = None) -> Subset:
@@ -228,6 +231,16 @@ class CurvatureFitter:
                 o.sampler.select(p, o.sample_size, seed)
             p = self.pool(candidate_pool(p.indices, o.sample_size, o.candidates, seed))
         return o.sampler.select(p, o.sample_size, seed)
+
+    def prior_subset(self, pool: Tensor | None, size: int | None) -> Subset:
+        """The points a Kronecker prior is fitted on, with equal weights: all of ``pool``
+        (default every training point), or ``size`` of them drawn uniformly without
+        replacement (in training order) with the fit's seed on a stream of its own."""
+        p = self.pool(pool).indices
+        if size is not None and size < p.numel():
+            rng = np.random.default_rng((PRIOR_STREAM, int(self.options.seed)))
+            p = p[torch.from_numpy(np.sort(rng.choice(p.numel(), size=size, replace=False)))]
+        return Subset(p.clone(), torch.full((p.numel(),), 1.0 / p.numel(), dtype=torch.float64))
 
     def subset_batch(self, subset: Subset, fm: FunctionalModel | None = None) -> tuple[Any, Any]:
         """The subset's model inputs and targets, gathered whole (m points) on ``fm``'s
@@ -278,10 +291,13 @@ class CurvatureFitter:
             self.kept = (subset, o.curvature, curvature)
         return curvature
 
-    def prepare(self, subset: Subset, fm: FunctionalModel | None = None) -> FittedCurvature:
+    def prepare(self, subset: Subset, fm: FunctionalModel | None = None,
+                pool: Tensor | None = None) -> FittedCurvature:
         """A solver fitted on ``subset`` at ``fm``'s parameters (default: the trained ones).
         A preconditioner named by the solver's options ("kfac"/"ekfac") is fitted on the same
-        subset, with the same weights."""
+        subset, with the same weights; a Kronecker prior (woodbury's ``prior``) on ``pool``
+        (training indices; default all), or on ``prior_size`` of its points drawn uniformly
+        (:meth:`prior_subset`)."""
         t0 = time.perf_counter()
         o = self.options
         options = dict(o.solver_options)
@@ -293,6 +309,15 @@ class CurvatureFitter:
             kind = curvature_kinds.build(options["preconditioner"], o.kronecker_options)
             options["preconditioner"] = kind.build(request)
             timings["preconditioner_fit_s"] = time.perf_counter() - t0
+        if isinstance(options.get("prior"), str):
+            t1 = time.perf_counter()
+            kind = curvature_kinds.build(options["prior"], o.kronecker_options)
+            prior_points = self.prior_subset(pool, options.get("prior_size"))
+            prior_request = dataclasses.replace(
+                self.request(prior_points, fm), shrinkage=0.0, sampler="uniform (prior)",
+                sampler_options={"prior_size": options.get("prior_size")})
+            options["prior"] = kind.build(prior_request)
+            timings["prior_fit_s"] = time.perf_counter() - t1
         curvature = self.curvature(subset, fm, request)
         solver = _solvers.build(o.solver, options).fit(curvature, o.damping)
         return FittedCurvature(subset, solver,

@@ -79,10 +79,12 @@ def check_kronecker(curvature: str, kind: type[curvature_kinds.CurvatureKind], s
     pre = solver_options.get("preconditioner")
     _solvers.check_curvature(curvature, solver)
     if options:
-        if not (kind.kronecker or isinstance(pre, str)):
+        if not (kind.kronecker or isinstance(pre, str)
+                or isinstance(solver_options.get("prior"), str)):
             raise ValueError(
                 "kronecker_options configure a Kronecker-factored fit: pass them with "
-                "curvature='kfac'/'ekfac' or with a solver preconditioner ('ekfac')"
+                "curvature='kfac'/'ekfac', with a solver preconditioner ('ekfac') or with "
+                "woodbury's prior ('ekfac')"
             )
         curvature_kinds.build("kfac", options)  # unknown options or values fail here
     return options

@@ -68,10 +68,14 @@ class EvaluationError(StudyError, ValueError):
 
 @dataclass(frozen=True)
 class Method:
-    """An attribution method: ``[curvature:]solver[@sampler[+shrink]]`` or a baseline name.
+    """An attribution method: ``[curvature:]solver[+key=value…][@sampler[+shrink]]`` or a
+    baseline name.
 
     Without ``@sampler`` the curvature uses the whole training set; with it, a subset of each
-    of the run's sample sizes drawn by that sampler (one cell per seed).
+    of the run's sample sizes drawn by that sampler (one cell per seed). ``+key=value`` after
+    the solver passes a solver option (numbers read as numbers), e.g.
+    ``ggn:woodbury+prior=ekfac@logit-importance``; after the sampler it passes a sampler
+    option, e.g. ``@logit-importance+proxy=gini-feature``.
     """
 
     spec: str
@@ -79,6 +83,8 @@ class Method:
     solver: str
     sampler: str | None = None
     shrinkage: float | str = 0.0
+    solver_options: tuple[tuple[str, Any], ...] = ()
+    sampler_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def sampled(self) -> bool:
@@ -97,6 +103,8 @@ def parse_method(spec: str) -> Method:
     body, at, sampler = s.partition("@")
     curvature, colon, solver = body.rpartition(":")
     curvature = curvature if colon else "ggn"
+    solver, *option_parts = solver.split("+")
+    options = _key_values(spec, option_parts, "solver")
     if curvature not in curvature_kinds.names():
         raise ValueError(f"method {spec!r}: unknown curvature {curvature!r}; known: "
                          f"{', '.join(curvature_kinds.names())} (write e.g. ggn:direct or "
@@ -109,14 +117,51 @@ def parse_method(spec: str) -> Method:
     except ValueError as err:
         raise ValueError(f"method {spec!r}: {err} (methods are written curvature:solver, "
                          "e.g. ekfac:eigen or ggn:cg)") from None
+    if options:
+        try:
+            _solvers.build(solver, dict(options))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"method {spec!r}: {err}") from None
+    opts = tuple(options)
     if not at:
-        return Method(s, curvature, solver)
+        return Method(s, curvature, solver, solver_options=opts)
+    sampler_parts = sampler.split("+")
+    keyed = [p for p in sampler_parts[1:] if "=" in p]
+    sampler = "+".join(p for p in sampler_parts if "=" not in p)
     name, shrinkage = split_sampler(sampler)
     if name not in _samplers.names():
         raise ValueError(f"method {spec!r}: unknown sampler {name!r}; known: "
                          f"{', '.join(_samplers.names())} (append {SHRINK_SUFFIX} for the "
                          "shrinkage fill)")
-    return Method(s, curvature, solver, name, shrinkage)
+    sampler_options = _key_values(spec, keyed, "sampler")
+    if sampler_options:
+        try:
+            _samplers.build(name, dict(sampler_options))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"method {spec!r}: {err}") from None
+    return Method(s, curvature, solver, name, shrinkage, opts, tuple(sampler_options))
+
+
+def _key_values(spec: str, parts: list[str], what: str) -> list[tuple[str, Any]]:
+    """``key=value`` parts of a method spec as (key, value) pairs."""
+    out = []
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"method {spec!r}: {what} option {part!r} is not key=value (write "
+                             "e.g. ggn:woodbury+prior=ekfac@logit-importance+proxy=gini-feature)")
+        out.append((key, _option_value(value)))
+    return out
+
+
+def _option_value(text: str) -> Any:
+    """A solver option's value from a method spec: an int, a float, or the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 @dataclass
@@ -562,7 +607,9 @@ class Evaluation:
                 self.model, train, curvature=method.curvature, damping=damping,
                 solver=method.solver, sampler=method.sampler or "random",
                 sample_size=size or None, seed=seed, shrinkage=method.shrinkage,
-                task=self._task(), device=self.device).fit()
+                task=self._task(), device=self.device,
+                solver_options=dict(method.solver_options),
+                sampler_options=dict(method.sampler_options)).fit()
             fit_s = sum(est.timings.values())
             influence = est.influence(test)
         tau = scores.orient(influence.numpy(), c.target)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from repif.curvature.kfac import fit_kronecker
 
 import repif
+from repif.curvature.kfac import fit_kronecker
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from repif.errors import TooLargeError
 from repif.curvature.kfac import KINDS, KroneckerCurvature
+from repif.errors import TooLargeError
 from repif.solvers.base import Solver, positive_int
 from repif.validation import check_choice
 

@@ -61,13 +61,15 @@ def test_projection_of_layer_inputs_equals_projecting_per_sample_gradients(digit
     assert _rel(projection.batch(x[:9], y[:9]), ref) <= 1e-10
 
 
-def test_full_dimension_equals_exact_scores(digits_cnn, digits_mlp):
+@pytest.mark.parametrize("basis", ["eigen", "random"])
+def test_full_dimension_equals_exact_scores(digits_cnn, digits_mlp, basis):
     """At dim ≥ every layer side P is orthogonal: the projected subset GGN is the exact one, so
     the scores equal scores="exact" (curvature="ggn", direct) up to round-off (float64)."""
     for model, train, test in (digits_cnn, digits_mlp):
         kw = dict(damping=1e-2, sample_size=60, sampler="random", weight_decay=1e-3)
         exact = InfluenceEstimator(model, train, **kw).influence((test[0][:7], test[1][:7]))
-        est = InfluenceEstimator(model, train, scores="projected", projection_dim=10_000, **kw)
+        est = InfluenceEstimator(model, train, scores="projected", projection_dim=10_000,
+                                 projection_basis=basis, **kw)
         assert est.projection.size == est.num_params
         assert _rel(est.influence((test[0][:7], test[1][:7])), exact) <= 1e-8
 
@@ -126,6 +128,8 @@ def test_projected_option_checks(digits_mlp):
         InfluenceEstimator(model, train, scores="sketch")
     with pytest.raises(ValueError, match="projection_dim"):
         InfluenceEstimator(model, train, projection_dim=8)
+    with pytest.raises(ValueError, match="projection_basis"):
+        InfluenceEstimator(model, train, scores="projected", projection_basis="pca")
     with pytest.raises(ValueError, match="positive integer"):
         InfluenceEstimator(model, train, scores="projected", projection_dim=0)
     with pytest.raises(ValueError, match="hook engine"):

@@ -45,10 +45,13 @@ from repif.memory import MemoryBudget
 from repif.progress import bar as progress_bar
 from repif.projection import (
     DEFAULT_PROJECTION_DIM,
+    PROJECTION_BASES,
     SCORE_METHODS,
     KroneckerProjection,
     ProjectedCurvature,
     ProjectedGradients,
+    check_dim,
+    eigen_bases,
 )
 from repif.recording import ATTRIBUTE as RECORDED
 from repif.recording import PoolStatistics, module_digest
@@ -123,7 +126,9 @@ class InfluenceEstimator:
 
     ``scores="projected"`` makes :meth:`influence` score from Kronecker-structured random
     projections of each layer's gradient (:mod:`repif.projection`), ``projection_dim`` per
-    layer side (default :data:`~repif.projection.DEFAULT_PROJECTION_DIM`), with the subset's
+    layer side (default :data:`~repif.projection.DEFAULT_PROJECTION_DIM`) onto the top
+    eigenvectors of the subset's K-FAC factors (``projection_basis="eigen"``) or random
+    orthonormal rows (``"random"``), with the subset's
     GGN taken in the projected space (:meth:`projected_curvature`; the ``solver`` still serves
     :meth:`inverse_hvp`, :meth:`self_influence` and :meth:`remove`): the training side costs
     about one forward+backward whatever the number of queries, and its projected gradients can
@@ -159,6 +164,7 @@ class InfluenceEstimator:
         solver_options: dict[str, Any] | None = None,
         scores: str = "exact",
         projection_dim: int | None = None,
+        projection_basis: str = "eigen",
         **options: Any,
     ) -> None:
         kind = curvature_kinds.get(curvature)  # unknown names list the known ones
@@ -166,6 +172,9 @@ class InfluenceEstimator:
         if projection_dim is not None and scores != "projected":
             raise ValueError("projection_dim sets the dimension of scores='projected'; pass "
                              "scores='projected' with it, or drop it")
+        check_choice(projection_basis, PROJECTION_BASES, "projection_basis")
+        if projection_dim is not None:
+            check_dim(projection_dim)
         solver_options = _options.solver_options(solver, solver_options, options, batch_size)
         check_finite_number(damping, "damping")
         if not damping >= 0:
@@ -232,9 +241,8 @@ class InfluenceEstimator:
                     "BatchNorm (eval), LayerNorm or Embedding called once per forward, and "
                     "per_sample='auto' or 'hooks'); use scores='exact'"
                 )
-            self._projection = KroneckerProjection(
-                self.cost.engine, DEFAULT_PROJECTION_DIM if projection_dim is None
-                else projection_dim, seed)
+            self._projection_spec = (DEFAULT_PROJECTION_DIM if projection_dim is None
+                                     else projection_dim, projection_basis)
         options = FitOptions(curvature, float(damping), solver, dict(solver_options),
                              self.sampler, sample_size, seed, shrinkage, kronecker_options,
                              _options.check_candidates(candidates))
@@ -460,8 +468,28 @@ class InfluenceEstimator:
 
     @property
     def projection(self) -> KroneckerProjection | None:
-        """The projection of ``scores="projected"`` (None with exact scores)."""
+        """The projection of ``scores="projected"`` (None with exact scores); with
+        ``projection_basis="eigen"`` built from the K-FAC factors of the curvature subset on
+        first use."""
+        if self.scores != "projected":
+            return None
+        if self._projection is None:
+            dim, basis = self._projection_spec
+            bases = None
+            if basis == "eigen":
+                subset = self._curvature_subset()
+                x, y = self.fitter.subset_batch(subset)
+                bases = eigen_bases(self.fm, x, y, subset.weights.to(self.fm.device,
+                                                                     self.fm.dtype),
+                                    self.budget)
+            assert self.cost.engine is not None
+            self._projection = KroneckerProjection(self.cost.engine, dim, self.seed, bases)
         return self._projection
+
+    def _curvature_subset(self) -> Subset:
+        """The fit's subset, drawn without preparing the solver when the estimator is not
+        fitted (same sampler, size and seed: the same subset)."""
+        return self._fitted.subset if self._fitted is not None else self.fitter.select()
 
     def projected_gradients(self, indices: Tensor | None = None) -> ProjectedGradients:
         """(k, D) projected loss gradients of training points ``indices`` (default all), with
@@ -476,9 +504,10 @@ class InfluenceEstimator:
         return ProjectedGradients(out, idx.clone(), projection.describe())
 
     def _need_projection(self) -> KroneckerProjection:
-        if self._projection is None:
+        projection = self.projection
+        if projection is None:
             raise ValueError("projected gradients need scores='projected' on the estimator")
-        return self._projection
+        return projection
 
     def _projected_chunks(self, idx: Tensor, k: int) -> Any:
         """(offset, (b, D) projected gradients) for consecutive chunks of ``idx``, sized by the
@@ -496,7 +525,7 @@ class InfluenceEstimator:
         fitted (same sampler, size and seed: the same subset)."""
         projection = self._need_projection()
         if self._projected_curvature is None:
-            subset = self._fitted.subset if self._fitted is not None else self.fitter.select()
+            subset = self._curvature_subset()
             x, y = self.fitter.subset_batch(subset)
             w = subset.weights.to(self.fm.device, self.fm.dtype)
             classes = self.output_dim
@@ -560,7 +589,7 @@ class InfluenceEstimator:
         n_test, item = len(source), self.cost.itemsize
         if n_test == 0:  # no test points: (0, n_train) scores, no fit or solve needed
             return torch.empty(0, idx.numel(), dtype=self.fm.dtype)
-        if self._projection is not None:
+        if self.scores == "projected":
             return self._projected_influence(source, idx, projected)
         factor_row = (1 + SOLVER_ROW_COPIES) * self.num_params * item
         test_rows = min(n_test, max(1, (self.budget.bytes // 2) // factor_row))

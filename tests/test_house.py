@@ -1,5 +1,5 @@
 """The house rules the test command enforces: ruff is clean and imports run one way (the layers
-contract in pyproject.toml, [tool.importlinter]; docs/design.md, "Parts (the architecture)")."""
+contract in pyproject.toml, [tool.importlinter]; docs/design.md, "Parts")."""
 
 from __future__ import annotations
 

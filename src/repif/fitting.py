@@ -3,8 +3,8 @@
 :class:`CurvatureFitter` binds the fitting options (curvature kind, damping, sampler, sample
 size, seed, shrinkage, solver) to a model, its training data and a memory budget.
 :class:`FittedCurvature` is what a fit produces — the subset, the prepared solver and timings —
-and is all that the estimator and the removal update need (docs/design.md, "Parts (the
-architecture)").
+and is all that the estimator and the removal update need (docs/design.md,
+"Parts").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The estimator's options, checked once when it is built: which component takes which option,
 the two-phase factor, the Kronecker fit's options against their curvature and solver, the task
-and its weight decay, and the text every process must agree on (docs/design.md, "Parts (the
-architecture)").
+and its weight decay, and the text every process must agree on (docs/design.md,
+"Parts").
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
   fitter hands over (kinds never import the fitter).
 
 Imports run downwards only: kinds → kfac, operator → the core (task, data, memory).
-See docs/design.md, "Parts (the architecture)".
+See docs/design.md, "Parts".
 """
 
 from repif.curvature.operator import CurvatureOperator, resolve_shrinkage

@@ -15,7 +15,7 @@
 A kind is a small class with a ``name`` (registering it), its options as keyword arguments
 (unknown ones are refused by name) and ``build(request)``: the fitter hands over a
 :class:`CurvatureRequest` (the subset, its batch, the budget, the seed), so kinds never reach back
-into the fitter (docs/design.md, "Parts (the architecture)").
+into the fitter (docs/design.md, "Parts").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 * :mod:`repif.gradients.hooks`: the hook engine: one batched backward with closed-form
   per-layer rules (Linear, Conv, Embedding, normalisation), falling back to ``vmap`` per layer.
 
-See docs/design.md, "Parts (the architecture)".
+See docs/design.md, "Parts".
 """
 
 from repif.gradients.streaming import (

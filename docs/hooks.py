@@ -4,7 +4,8 @@
   the results pages show them without a copy in ``docs/``.
 * ``<!-- include: PATH -->`` on a line of its own is replaced by the file PATH (relative to the
   repository root) with its headings moved one level down, so a benchmark's own summary appears
-  inside a results page, never copied; a missing file fails the build.
+  inside a results page, never copied (its relative plot links pointed at the served plots); a
+  missing file fails the build.
 * Docstrings use reST roles (``:class:`Name```); mkdocstrings renders them as literal text, so
   they are reduced to plain code here.
 """
@@ -19,6 +20,8 @@ from mkdocs.structure.files import File, Files
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 INCLUDE = re.compile(r"^<!-- include: (\S+) -->$", re.MULTILINE)
+#: A relative PNG link in an included benchmark summary (written beside its plots' folder).
+PLOT_LINK = re.compile(r"\]\((?!https?:|/)([^)\s]+\.png)\)")
 ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|obj|exc):(<code>)")
 
 
@@ -39,7 +42,9 @@ def _included(match: re.Match) -> str:
         if line.startswith("```"):
             fenced = not fenced
         lines.append("#" + line if not fenced and line.startswith("#") else line)
-    return "\n".join(lines)
+    # a summary links its plots relative to benchmarks/results/; the site serves them under
+    # results/plots/ (see on_files), and every results page lives in results/
+    return PLOT_LINK.sub(r"](plots/\1)", "\n".join(lines))
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:

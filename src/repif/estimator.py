@@ -503,10 +503,21 @@ class InfluenceEstimator:
         with distributed.local():
             for offset, g in stream_gradients(self.fm, self.source, mine, self.budget,
                                               self.cost, extra_row_bytes=solver_row):
-                out[offset : offset + g.shape[0]] = -(g * self.inverse_hvp(g)).sum(dim=1).cpu()
+                out[offset : offset + g.shape[0]] = -self._quadratic(g).cpu()
                 bar.update(g.shape[0])
         bar.close()
         return distributed.all_gather_cat(out)
+
+    def _quadratic(self, g: Tensor) -> Tensor:
+        """(k,) ∇l_iᵀ(C + λI)⁻¹∇l_i of a block of gradients: one batched solve, or a solver's
+        cheaper quadratic form (Woodbury, eigen), never one solve per point."""
+        q = self.fitted.quadratic(g.to(self.fm.device, self.fm.dtype))
+        if not bool(torch.isfinite(q).all()):
+            raise ArithmeticError(
+                f"solver {self.solver_name!r} returned non-finite values; raise the damping "
+                f"(now {self.damping}) or use curvature='ggn'"
+            )
+        return q
 
     def _lockstep_self_influence(self, idx: Tensor, solver_row: int) -> Tensor:
         """Self-influence over several processes when the solver runs in lockstep: chunks of
@@ -517,7 +528,7 @@ class InfluenceEstimator:
         bar = self._bar(idx.numel(), "self-influence")
         for s in range(0, idx.numel(), rows):
             g = self._gradients(self.source, idx[s : s + rows])
-            out[s : s + g.shape[0]] = -(g * self.inverse_hvp(g)).sum(dim=1).cpu()
+            out[s : s + g.shape[0]] = -self._quadratic(g).cpu()
             bar.update(g.shape[0])
         bar.close()
         return out

@@ -84,3 +84,10 @@ class WoodburySolver(Solver):
         inner = torch.cholesky_solve(self.factor @ h.T, self._chol)  # (mC, k)
         return self._d_isqrt(h - (self.factor.T @ inner).T)
 
+
+    def quadratic(self, g: Tensor) -> Tensor:
+        """gᵀ(D + A'ᵀA')⁻¹g = ‖h‖² − ‖L⁻¹ S h‖² with h = D^{-1/2} g and L the Cholesky factor
+        of I + SSᵀ: one product with the factor instead of the solve's two."""
+        h = self._d_isqrt(g)
+        z = torch.linalg.solve_triangular(self._chol, self.factor @ h.T, upper=False)
+        return h.pow(2).sum(1) - z.pow(2).sum(0)

@@ -41,7 +41,7 @@ from repif.curvature import resolve_shrinkage
 from repif.data import DataSource
 from repif.fitting import CurvatureFitter, FitOptions, FittedCurvature
 from repif.gradients import CostModel, split_batch, stream_gradients, stream_scores
-from repif.layer_gradients import LayerGradientEngine, layer_engine
+from repif.layer_gradients import LayerGradientEngine, layer_engine, unsupported_layers
 from repif.memory import MemoryBudget
 from repif.progress import bar as progress_bar
 from repif.recording import ATTRIBUTE as RECORDED
@@ -253,10 +253,13 @@ class InfluenceEstimator:
         probe = self.source.gather(torch.arange(min(PROBE_POINTS, len(self.source))))
         engine = layer_engine(self.fm, *split_batch(self.fm, probe))
         if engine is None and per_sample == "hooks":
+            missing = unsupported_layers(self.fm)
             raise ValueError(
                 "per_sample='hooks' needs every trainable parameter in an nn.Linear, Conv2d, "
-                "BatchNorm (eval), LayerNorm or Embedding called once per forward; use "
-                "per_sample='auto' or 'func'"
+                "BatchNorm (eval), LayerNorm, Embedding or Hugging Face Conv1D called once per "
+                "forward" + (f"; without a rule: {', '.join(missing[:10])}" if missing else
+                             " (a layer is called twice, or the self-check disagreed)")
+                + "; use per_sample='auto' or 'func'"
             )
         return engine
 

@@ -114,3 +114,25 @@ def test_readme_hugging_face_snippet_runs_as_written():
     n = len(namespace["token_dataset"])
     assert namespace["scores"].shape == (len(namespace["query_dataset"]), n)
     assert isinstance(namespace["forgotten"], nn.Module)
+
+
+def test_gpt2_conv1d_and_position_embeddings_have_closed_form_rules():
+    """GPT-2's Conv1D (y = x W + b, W of shape (in, out)) and its position embeddings (one row
+    shared by the batch) go through the hook engine, equal to torch.func's gradients."""
+    from repif.gradients.hooks import layer_engine
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2,
+                                     n_head=2, num_labels=CLASSES, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=1)
+    model = transformers.GPT2ForSequenceClassification(config).double().eval()
+    fm = FunctionalModel(model)
+    batch = torch.utils.data.default_collate(token_items(5, 3))
+    x = {k: v for k, v in batch.items() if k != "labels"}
+    x["attention_mask"] = torch.ones_like(x["attention_mask"])  # GPT-2 pools the last token
+    engine = layer_engine(fm, x, batch["labels"])
+    assert engine is not None
+    assert any(type(b.module).__name__ == "Conv1D" for b in engine.blocks)
+    torch.testing.assert_close(engine.gradients(x, batch["labels"]),
+                               per_sample_gradients(fm, x, batch["labels"]),
+                               rtol=1e-8, atol=1e-10)

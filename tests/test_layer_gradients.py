@@ -117,8 +117,10 @@ def test_ineligible_models_fall_back_and_still_agree(cls):
     assert auto.cost.engine is None
     func = repif.InfluenceEstimator(model, (x, y), damping=0.1, per_sample="func")
     torch.testing.assert_close(auto.influence((x[:3], y[:3])), func.influence((x[:3], y[:3])))
-    with pytest.raises(ValueError, match="per_sample='hooks' needs"):
+    with pytest.raises(ValueError, match="per_sample='hooks' needs") as info:
         repif.InfluenceEstimator(model, (x, y), per_sample="hooks")
+    if cls is FreeParameter:  # the module without a rule is named
+        assert "without a rule: (model) (FreeParameter)" in str(info.value)
 
 
 def test_hooks_and_func_give_the_same_influence(digits):

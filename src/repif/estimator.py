@@ -41,7 +41,7 @@ from repif.curvature import kinds as curvature_kinds
 from repif.curvature.operator import resolve_shrinkage
 from repif.data import DataSource, take
 from repif.fitting import CurvatureFitter, FitOptions, FittedCurvature
-from repif.gradients.hooks import LayerGradientEngine, layer_engine
+from repif.gradients.hooks import LayerGradientEngine, layer_engine, unsupported_layers
 from repif.gradients.streaming import CostModel, split_batch, stream_gradients, stream_scores
 from repif.memory import MemoryBudget
 from repif.progress import bar as progress_bar
@@ -297,10 +297,13 @@ class InfluenceEstimator:
         probe = self.source.gather(torch.arange(min(PROBE_POINTS, len(self.source))))
         engine = layer_engine(self.fm, *split_batch(self.fm, probe))
         if engine is None and per_sample == "hooks":
+            missing = unsupported_layers(self.fm)
             raise ValueError(
                 "per_sample='hooks' needs every trainable parameter in an nn.Linear, Conv2d, "
-                "BatchNorm (eval), LayerNorm or Embedding called once per forward; use "
-                "per_sample='auto' or 'func'"
+                "BatchNorm (eval), LayerNorm, Embedding or Hugging Face Conv1D called once per "
+                "forward" + (f"; without a rule: {', '.join(missing[:10])}" if missing else
+                             " (a layer is called twice, or the self-check disagreed)")
+                + "; use per_sample='auto' or 'func'"
             )
         return engine
 
@@ -659,10 +662,21 @@ class InfluenceEstimator:
         with distributed.local():
             for offset, g in stream_gradients(self.fm, self.source, mine, self.budget,
                                               self.cost, extra_row_bytes=solver_row):
-                out[offset : offset + g.shape[0]] = -(g * self.inverse_hvp(g)).sum(dim=1).cpu()
+                out[offset : offset + g.shape[0]] = -self._quadratic(g).cpu()
                 bar.update(g.shape[0])
         bar.close()
         return distributed.all_gather_cat(out)
+
+    def _quadratic(self, g: Tensor) -> Tensor:
+        """(k,) ∇l_iᵀ(C + λI)⁻¹∇l_i of a block of gradients: one batched solve, or a solver's
+        cheaper quadratic form (Woodbury, eigen), never one solve per point."""
+        q = self.fitted.quadratic(g.to(self.fm.device, self.fm.dtype))
+        if not bool(torch.isfinite(q).all()):
+            raise ArithmeticError(
+                f"solver {self.solver_name!r} returned non-finite values; raise the damping "
+                f"(now {self.damping}) or use curvature='ggn'"
+            )
+        return q
 
     def _lockstep_self_influence(self, idx: Tensor, solver_row: int) -> Tensor:
         """Self-influence over several processes when the solver runs in lockstep: chunks of
@@ -673,7 +687,7 @@ class InfluenceEstimator:
         bar = self._bar(idx.numel(), "self-influence")
         for s in range(0, idx.numel(), rows):
             g = self._gradients(self.source, idx[s : s + rows])
-            out[s : s + g.shape[0]] = -(g * self.inverse_hvp(g)).sum(dim=1).cpu()
+            out[s : s + g.shape[0]] = -self._quadratic(g).cpu()
             bar.update(g.shape[0])
         bar.close()
         return out

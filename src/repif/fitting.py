@@ -46,6 +46,10 @@ class FittedCurvature:
         """(k, p) right-hand sides → (k, p) solutions."""
         return self.solver.solve(g)
 
+    def quadratic(self, g: Tensor) -> Tensor:
+        """(k,) g_iᵀ(C_T + λI)⁻¹g_i for (k, p) rows, at the cost of one batched solve or less."""
+        return self.solver.quadratic(g)
+
 
 @dataclass(frozen=True)
 class FitOptions:

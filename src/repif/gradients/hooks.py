@@ -446,6 +446,18 @@ def _blocks(fm: FunctionalModel) -> list[LayerBlock] | None:
     return sorted(blocks, key=lambda b: b.offsets[0])
 
 
+def unsupported_layers(fm: FunctionalModel) -> list[str]:
+    """``"name (Type)"`` of every module owning trainable parameters that the hook engine has no
+    closed-form rule for (those make the whole model fall back to ``torch.func``)."""
+    trainable = set(fm.space.names)
+    out = []
+    for mod_name, m in fm.model.named_modules():
+        own = [f"{mod_name}.{n}" if mod_name else n for n, _ in m.named_parameters(recurse=False)]
+        if any(f in trainable for f in own) and not _eligible_module(m):
+            out.append(f"{mod_name or '(model)'} ({type(m).__name__})")
+    return out
+
+
 def layer_engine(fm: FunctionalModel, probe_inputs: Any, probe_targets: Any) -> (
     LayerGradientEngine | None
 ):

@@ -171,6 +171,14 @@ class WoodburySolver(Solver):
         v = self._d_isqrt(h - (self.factor.T @ inner).T)
         return v if basis is None else _rotate(basis, v, inverse=True)
 
+    def quadratic(self, g: Tensor) -> Tensor:
+        """gᵀ(D + A'ᵀA')⁻¹g = ‖h‖² − ‖L⁻¹ S h‖² with h = D^{-1/2} g (in the prior's eigenbasis,
+        an orthogonal rotation, when there is a prior) and L the Cholesky factor of I + SSᵀ: one
+        product with the factor instead of the solve's two."""
+        basis = self.basis
+        h = self._d_isqrt(g if basis is None else _rotate(basis, g, inverse=False))
+        z = torch.linalg.solve_triangular(self._chol, self.factor @ h.T, upper=False)
+        return h.pow(2).sum(1) - z.pow(2).sum(0)
 
 
 #: ``calibrate``: a rotated column whose squared norm is below this fraction of the largest

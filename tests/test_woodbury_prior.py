@@ -127,3 +127,14 @@ def test_first_sampler_takes_the_pool_in_order(digits_mlp):
         sub = est.fitter.select(pool)
         assert torch.equal(sub.indices, torch.arange(100, 110))
         torch.testing.assert_close(sub.weights, torch.full((10,), 0.1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["fill", "calibrate"])
+def test_quadratic_form_with_a_prior_is_the_solve_dotted(digits_mlp, mode):
+    """Self-influence's quadratic form gᵀ(C + λI)⁻¹g, taken in the prior's eigenbasis (an
+    orthogonal rotation), equals the row-wise dot of g with the solve; float64 round-off of the
+    two factorisation paths, hence the tolerance."""
+    est = _estimator(digits_mlp, prior="ekfac", prior_mode=mode)
+    g = _test_gradients(est, digits_mlp)
+    torch.testing.assert_close(est.solver.quadratic(g), (g * est.solver.solve(g)).sum(1),
+                               rtol=1e-8, atol=1e-12)

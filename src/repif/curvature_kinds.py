@@ -78,8 +78,10 @@ class KFAC(CurvatureKind):
         self.fisher, self.other_layers, self.cache_dir = fisher, other_layers, cache_dir
         self.weight_sharing = weight_sharing
 
-    def build(self, fitter: CurvatureFitter, subset: Subset, fm: FunctionalModel
-              ) -> kfac.KroneckerCurvature:
+    def build(self, fitter: CurvatureFitter, subset: Subset, fm: FunctionalModel,
+              prior: bool = False) -> kfac.KroneckerCurvature:
+        """The factors on ``subset``; ``prior``: a Woodbury prior's fit on points of the pool
+        with equal weights (cached by those points alone, whatever the subset's sampler)."""
         x, y = fitter.subset_batch(subset, fm)
         seed = fitter.options.seed
 
@@ -92,16 +94,18 @@ class KFAC(CurvatureKind):
         if self.cache_dir is None:
             return fit()
         sampler = fitter.options.sampler
-        size = fitter.options.sample_size
+        size = None if prior else fitter.options.sample_size
         meta = {
             "kind": self.name, "fisher": self.fisher, "other_layers": self.other_layers,
             # recorded only when not the default, so factors cached before the option stay valid
             **({"weight_sharing": self.weight_sharing} if self.weight_sharing != "expand" else {}),
             "model": kfac.model_digest(fm), "data": kfac.data_fingerprint(x, y),
             "subset": kfac._digest([subset.indices, subset.weights]),
-            "sampler": getattr(sampler, "name", None) if size is not None else "whole pool",
+            "sampler": getattr(sampler, "name", None) if size is not None else (
+                "prior" if prior else "whole pool"),
             "sampler_options": _plain(vars(sampler)) if size is not None else {},
-            "m": len(subset), "seed": seed, "weight_decay": fm.task.weight_decay,
+            "m": len(subset), "seed": None if prior and self.fisher == "exact" else seed,
+            "weight_decay": fm.task.weight_decay,
             "dtype": str(fm.dtype), "device": fm.device.type,
         }
         return kfac.load_or_fit(self.cache_dir, meta, fm, fit, fitter.budget)

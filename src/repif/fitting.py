@@ -283,7 +283,7 @@ class CurvatureFitter:
             t1 = time.perf_counter()
             kind = curvature_kinds.build(options["prior"], o.kronecker_options)
             prior_points = self.prior_subset(pool, options.get("prior_size"))
-            options["prior"] = kind.build(self, prior_points, fm or self.fm)
+            options["prior"] = kind.build(self, prior_points, fm or self.fm, prior=True)
             timings["prior_fit_s"] = time.perf_counter() - t1
         solver = _solvers.build(o.solver, options).fit(self.curvature(subset, fm), o.damping)
         return FittedCurvature(subset, solver,

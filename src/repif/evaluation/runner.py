@@ -607,6 +607,9 @@ class Evaluation:
                 sample_size=size or None, seed=seed, shrinkage=method.shrinkage,
                 task=self._task(), device=self.device,
                 solver_options=dict(method.solver_options),
+                # a Woodbury prior is the same fit for every cell: cached beside the run
+                kronecker_options=({"cache_dir": str(self.out / "factors")}
+                                   if dict(method.solver_options).get("prior") else None),
                 sampler_options=dict(method.sampler_options)).fit()
             fit_s = sum(est.timings.values())
             influence = est.influence(test)

@@ -108,6 +108,17 @@ RUNS = {
         "python benchmarks/lds.py lr --methods ggn:woodbury@random,ggn:woodbury@stratified,"
         "ggn:woodbury@feature-kmeans,ggn:woodbury@feature-herding,ggn:woodbury@logit-stratified,"
         "ggn:woodbury@logit-importance --sizes 1000 --seeds 3 --dampings 0.1",
+        "python benchmarks/lds.py lr --methods ggn:woodbury+prior=ekfac@logit-importance,"
+        "ggn:woodbury+prior=ekfac@random,ggn:woodbury+prior=ekfac+prior_mode=blend+"
+        "prior_weight=0.5@logit-importance --sizes 500 --seeds 1 --dampings 0.01,0.03,0.1"
+        "   # stopped during λ = 0.03",
+        *(f"python benchmarks/lds.py lr {args}" for args in (
+            "--methods ggn:woodbury+prior=ekfac+prior_mode=blend+prior_weight=0.8@random,"
+            "ggn:woodbury+prior=ekfac+prior_mode=blend+prior_weight=0.8@logit-importance "
+            "--sizes 50,100,250,500 --seeds 5 --dampings 0.03",
+            "--methods ggn:woodbury@first,"
+            "ggn:woodbury+prior=ekfac+prior_mode=blend+prior_weight=0.8@first "
+            "--sizes 50,100,250,500,1000 --seeds 1 --dampings 0.03,0.1")),
     ],
     "mlp": [
         "python benchmarks/lds.py mlp",

@@ -33,8 +33,15 @@ SOLVER_VALUES: dict[str, dict[str, tuple[object, str]]] = {
               "power_iters": (4, "power_iters"), "seed": (7, "seed"),
               "block_size": (3, "block_size"), "preconditioner": ("kfac", "preconditioner.kind"),
               "monitor": (_monitor, "monitor")},
-    "woodbury": {"max_rows": (99_999, "max_rows")},
+    "woodbury": {"max_rows": (99_999, "max_rows"), "prior": ("kfac", "prior.kind"),
+                 "prior_mode": ("calibrate", "prior_mode"),
+                 "prior_weight": (0.25, "prior_weight"), "prior_size": (60, "prior_size")},
 }
+#: Options that only mean something beside another one, given with it (woodbury's prior_*
+#: configure a prior, and are refused without one).
+COMPANIONS: dict[str, dict[str, object]] = {"prior_mode": {"prior": "ekfac"},
+                                             "prior_weight": {"prior": "ekfac"},
+                                             "prior_size": {"prior": "ekfac"}}
 
 #: One valid, non-default value per sampler option (kept under the option's own name).
 SAMPLER_VALUES: dict[str, dict[str, object]] = {
@@ -43,6 +50,7 @@ SAMPLER_VALUES: dict[str, dict[str, object]] = {
     "feature-herding": {"n_features": 7},
     "logit-stratified": {"statistic": "entropy", "n_bins": 3},
     "logit-importance": {"proxy": "gini-feature", "self_normalize": False},
+    "first": {},
 }
 
 
@@ -75,7 +83,8 @@ def test_each_solver_option_arrives(problem, solver, option, route):
     value, attribute = SOLVER_VALUES[solver][option]
     if route == "loose" and option == "batch_size":
         pytest.skip("a loose batch_size is the estimator's; covered by the ambiguity test")
-    kw = {"solver_options": {option: value}} if route == "dict" else {option: value}
+    given = {option: value, **COMPANIONS.get(option, {})}
+    kw = {"solver_options": given} if route == "dict" else given
     est = _estimator(problem, solver, **kw)
     if option == "seed" and route == "loose":  # the estimator's seed, handed to the solver
         assert est.seed == value

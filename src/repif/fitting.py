@@ -318,8 +318,8 @@ class CurvatureFitter:
             kind = curvature_kinds.build(options["prior"], o.kronecker_options)
             prior_points = self.prior_subset(pool, options.get("prior_size"))
             prior_request = dataclasses.replace(
-                self.request(prior_points, fm), shrinkage=0.0, sampler="uniform (prior)",
-                sampler_options={"prior_size": options.get("prior_size")})
+                self.request(prior_points, fm), shrinkage=0.0, sampler=None, sampler_options={},
+                prior=True)
             options["prior"] = kind.build(prior_request)
             timings["prior_fit_s"] = time.perf_counter() - t1
         curvature = self.curvature(subset, fm, request)

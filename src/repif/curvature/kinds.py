@@ -42,7 +42,7 @@ class CurvatureRequest:
     the model at the parameters to expand around, the memory budget, the fit's seed, whether to
     show progress, the shrinkage fill for exact subset curvatures (0: none), and the sampler
     that drew the subset (its name and scalar options; None for the whole pool), which a cache
-    records."""
+    records; ``prior`` marks a Woodbury prior's fit on uniform points of the pool."""
 
     fm: FunctionalModel
     subset: Subset
@@ -54,6 +54,8 @@ class CurvatureRequest:
     shrinkage: float = 0.0
     sampler: str | None = None
     sampler_options: dict[str, Any] = field(default_factory=dict)
+    #: A Woodbury prior's fit on points of the pool with equal weights (not the subset).
+    prior: bool = False
 
 REGISTRY: Registry[type[CurvatureKind]] = Registry("curvature")
 
@@ -106,6 +108,8 @@ class KFAC(CurvatureKind):
         self.weight_sharing = weight_sharing
 
     def build(self, request: CurvatureRequest) -> kfac.KroneckerCurvature:
+        """The factors on the request's subset; a Woodbury prior's fit (``request.prior``) is
+        cached by its points alone, whatever the subset's sampler."""
         r = request
         fm, x, y, subset, seed = r.fm, r.x, r.y, r.subset, r.seed
 
@@ -123,9 +127,11 @@ class KFAC(CurvatureKind):
             **({"weight_sharing": self.weight_sharing} if self.weight_sharing != "expand" else {}),
             "model": kfac.model_digest(fm), "data": kfac.data_fingerprint(x, y),
             "subset": kfac._digest([subset.indices, subset.weights]),
-            "sampler": r.sampler if r.sampler is not None else "whole pool",
-            "sampler_options": _plain(r.sampler_options),
-            "m": len(subset), "seed": seed, "weight_decay": fm.task.weight_decay,
+            "sampler": "prior" if r.prior else (
+                r.sampler if r.sampler is not None else "whole pool"),
+            "sampler_options": {} if r.prior else _plain(r.sampler_options),
+            "m": len(subset), "seed": None if r.prior and self.fisher == "exact" else seed,
+            "weight_decay": fm.task.weight_decay,
             "dtype": str(fm.dtype), "device": fm.device.type,
         }
         return kfac.load_or_fit(self.cache_dir, meta, fm, fit, r.budget)

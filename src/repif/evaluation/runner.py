@@ -421,9 +421,13 @@ class Evaluation:
 
     def __init__(self, config: EvaluationConfig, out: str | Path, *,
                  data: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
-                 recipe: Recipe | None = None, progress: bool = True) -> None:
+                 recipe: Recipe | None = None, progress: bool = True,
+                 max_memory: int | None = None) -> None:
         config.validate()
         self.config, self.out, self.progress = config, Path(out), progress
+        #: The estimators' memory budget in bytes (None: their default); it changes how work
+        #: is chunked and what is refused, not a cell's numbers, so it is not in the config.
+        self.max_memory = max_memory
         self.device = check_device(config.device)
         check_output_dir(self.out)
         self.dtype = getattr(torch, config.dtype)
@@ -607,8 +611,11 @@ class Evaluation:
                 self.model, train, curvature=method.curvature, damping=damping,
                 solver=method.solver, sampler=method.sampler or "random",
                 sample_size=size or None, seed=seed, shrinkage=method.shrinkage,
-                task=self._task(), device=self.device,
+                task=self._task(), device=self.device, max_memory=self.max_memory,
                 solver_options=dict(method.solver_options),
+                # a Woodbury prior is the same fit for every cell: cached beside the run
+                kronecker_options=({"cache_dir": str(self.out / "factors")}
+                                   if dict(method.solver_options).get("prior") else None),
                 sampler_options=dict(method.sampler_options)).fit()
             fit_s = sum(est.timings.values())
             influence = est.influence(test)

@@ -40,6 +40,7 @@ class FirstSampler(Sampler):
 
     name = "first"
     uses_statistics = False
+    deterministic = True
 
     def _select(self, pool: Pool, m: int, rng: np.random.Generator):
         return np.arange(m), np.ones(m)

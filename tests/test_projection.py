@@ -49,10 +49,16 @@ def digits_cnn():
     return model, (x[:120], y[:120]), (x[120:], y[120:])
 
 
+@pytest.mark.parametrize("route", ["inputs", "outputs", "auto"])
 @pytest.mark.parametrize("dim", [2, 5, 1000])
-def test_projection_of_layer_inputs_equals_projecting_per_sample_gradients(digits_cnn, dim):
-    """P_out (Σ_t g_t ā_tᵀ) P_inᵀ from projected inputs (a convolution with P_in's rows) and
-    projected output gradients equals P applied to torch.func's per-sample gradients."""
+def test_projection_of_layer_inputs_equals_projecting_per_sample_gradients(
+        digits_cnn, dim, route, monkeypatch):
+    """P_out (Σ_t g_t ā_tᵀ) P_inᵀ from projected inputs (a convolution with P_in's rows) or
+    from projected output gradients first (a d_out-channel per-sample convolution gradient)
+    equals P applied to torch.func's per-sample gradients."""
+    from repif import projection as projection_module
+
+    monkeypatch.setattr(projection_module, "conv_projection_mode", route)
     model, (x, y), _ = digits_cnn
     est = InfluenceEstimator(model, (x, y), scores="projected", projection_dim=dim)
     projection = est.projection

@@ -50,7 +50,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repif.errors import CorruptFileError
-from repif.gradients.hooks import LayerBlock, LayerGradientEngine, _per_sample
+from repif.gradients.hooks import (
+    LayerBlock,
+    LayerGradientEngine,
+    _conv_weight_by_slices,
+    _per_sample,
+    conv_gradient_route,
+)
 from repif.io import environment_metadata, load_tensors, save_tensors_atomic
 
 #: Score routes of :class:`~repif.estimator.InfluenceEstimator` (its ``scores=`` option):
@@ -62,8 +68,10 @@ SCORE_METHODS = ("exact", "projected")
 PROJECTION_BASES = ("eigen", "random")
 
 #: Default projected dimension per side of each layer (d_out = min(out, dim), d_in = min(in',
-#: dim)). Measured (benchmarks/scores.py, "projection" table): the smallest power of two whose
-#: Pearson correlation with the exact scores stayed ≥ 0.95 on every model tried.
+#: dim)): the smallest power of two whose mean Pearson correlation with the exact scores was
+#: ≥ 0.95 on both models measured (benchmarks/results/scores.md, 100 queries × 2,000 MNIST
+#: points, eigenbasis): the MNIST MLP needs 64 (0.985; 32 gave 0.873), a ResNet-18 of width 8
+#: 16 (0.967; 64 gave 0.9985). Convolutional models can take 16–32, which is cheaper.
 DEFAULT_PROJECTION_DIM = 64
 
 #: Seed stream of the projection matrices, apart from the samplers' streams.
@@ -71,6 +79,17 @@ PROJECTION_STREAM = 0x9A0E
 
 #: Version of the stored projected-gradient layout; another version is refused.
 FORMAT = 1
+
+
+def _conv_weight(m: nn.Conv2d, a: Tensor, gp: Tensor) -> Tensor:
+    """(b, c, in·kh·kw) Σ_t gp_t ā_tᵀ for a groups-1 convolution ``m`` with (b, c, P) output
+    gradients ``gp`` (c need not be m's output channels), by the per-sample engine's route."""
+    b = a.shape[0]
+    g4 = gp.unsqueeze(1)  # (b, 1, c, P)
+    if conv_gradient_route(m, gp.shape[-1]) == "slices":
+        return _conv_weight_by_slices(m, a, g4).reshape(b, gp.shape[1], -1)
+    cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    return gp @ cols.transpose(1, 2)
 
 
 def check_dim(dim: Any) -> int:
@@ -126,6 +145,32 @@ class _Side:
         if self.p_out is None:
             return self.block.numel
         return self.p_out.shape[0] * self.p_in.shape[0]
+
+
+#: Cost of one patch element (in'·P per point) written and read by the output-first route's
+#: per-sample convolution gradient, in multiply-adds; fitted to one CPU thread on a ResNet-18 of
+#: width 8 at 28×28 (256 points: 16 sends d = 16 to the inputs route and the wide early layers
+#: at d = 64 to the outputs route, where each was measured faster).
+PATCH_ELEMENT_MACS = 16
+
+#: How a convolution's projection is formed: "auto" (the cheaper by :func:`conv_projection_route`),
+#: "inputs" or "outputs" for every one (set by tests that compare the two).
+conv_projection_mode = "auto"
+
+
+def conv_projection_route(m: nn.Conv2d, side: _Side, positions: int) -> str:
+    """"inputs" (project every input patch by one convolution with d_in filters, then sum the
+    (d_out × d_in) outer products over positions) or "outputs" (the per-sample gradient of a
+    d_out-channel convolution, d_out × in', then times P_inᵀ), whichever costs fewer
+    multiply-adds per point: P·d_in·in' + P·d_out·d_in against P·d_out·in' + d_out·in'·d_in
+    + PATCH_ELEMENT_MACS·P·in' (moving the patches)."""
+    if conv_projection_mode != "auto":
+        return conv_projection_mode
+    d_out, d_in = side.p_out.shape[0], side.p_in.shape[0]
+    n_in = side.p_in.shape[1]
+    inputs = positions * d_in * n_in + positions * d_out * d_in
+    outputs = positions * d_out * n_in + d_out * n_in * d_in + PATCH_ELEMENT_MACS * positions * n_in
+    return "inputs" if inputs <= outputs else "outputs"
 
 
 class KroneckerProjection:
@@ -245,11 +290,20 @@ class KroneckerProjection:
                 pg = g.reshape(b, -1, m.out_features) @ s.p_out.T  # (b, T, d_out)
                 parts.append((pg.transpose(1, 2) @ pa).reshape(b, -1))
                 continue
-            filters = s.p_in[:, : m.weight[0].numel()].reshape(-1, *m.weight.shape[1:])
-            pa = F.conv2d(a, filters, s.p_in[:, -1] if bias else None, m.stride, m.padding,
-                          m.dilation)  # (b, d_in, H', W'): P_in times every input patch
             pg = torch.einsum("do,bop->bdp", s.p_out, g.reshape(b, g.shape[1], -1))
-            parts.append((pg @ pa.reshape(b, pa.shape[1], -1).transpose(1, 2)).reshape(b, -1))
+            if conv_projection_route(m, s, pg.shape[-1]) == "inputs":
+                filters = s.p_in[:, : m.weight[0].numel()].reshape(-1, *m.weight.shape[1:])
+                pa = F.conv2d(a, filters, s.p_in[:, -1] if bias else None, m.stride, m.padding,
+                              m.dilation)  # (b, d_in, H', W'): P_in times every input patch
+                parts.append((pg @ pa.reshape(b, pa.shape[1], -1).transpose(1, 2)
+                              ).reshape(b, -1))
+                continue
+            # output side first: the per-sample gradient of a d_out-channel convolution
+            # (Σ_t (P_out g_t) ā_tᵀ, d_out × in'), then P_inᵀ on its right
+            w = _conv_weight(m, a, pg)
+            if bias:
+                w = torch.cat([w, pg.sum(2, keepdim=True)], 2)
+            parts.append((w @ s.p_in.T).reshape(b, -1))
         return torch.cat(parts, 1)
 
     def row_bytes(self) -> int:

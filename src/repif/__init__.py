@@ -13,10 +13,11 @@ from repif.errors import (
     SolverDivergedError,
     TooLargeError,
 )
-from repif.estimator import InfluenceEstimator, TopK
+from repif.estimator import InfluenceEstimator
 from repif.fitting import FittedCurvature
 from repif.memory import MemoryBudget
 from repif.recording import PoolStatistics, StatisticsRecorder
+from repif.scoring import TopK
 from repif.task import ClassificationTask, Task
 from repif.training import load_or_train, train
 

@@ -10,6 +10,7 @@ from repif.errors import CorruptFileError, RepifError, SolverDivergedError, TooL
 from repif.estimator import InfluenceEstimator, TopK
 from repif.fitting import FittedCurvature
 from repif.memory import MemoryBudget
+from repif.projection import ProjectedGradients
 from repif.recording import PoolStatistics, StatisticsRecorder
 from repif.task import ClassificationTask, Task
 from repif.training import load_or_train, train
@@ -24,6 +25,7 @@ __all__ = [
     "InfluenceEstimator",
     "MemoryBudget",
     "PoolStatistics",
+    "ProjectedGradients",
     "RepifError",
     "SolverDivergedError",
     "StatisticsRecorder",

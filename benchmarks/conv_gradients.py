@@ -4,11 +4,11 @@
 
 For every ``nn.Conv2d`` of a ResNet-18 of ``width`` on 1×size×size inputs, the layer's input
 and (random) output gradient for ``batch`` points are captured once; then both routes of
-:func:`repif.layer_gradients._per_sample` run back to back, best of ``REPEATS``, and their
+:func:`repif.gradients.hooks._per_sample` run back to back, best of ``REPEATS``, and their
 answers are compared. Then the whole hook engine (every layer's per-sample gradients, streamed
 as the estimator does) with each route for every convolution and with the per-layer rule
 (``conv_gradient_mode="auto"``), against one batched forward+backward of the same points.
-The rule in :data:`repif.layer_gradients.SLICES_MIN_POSITIONS` comes from the per-layer table.
+The rule in :data:`repif.gradients.hooks.SLICES_MIN_POSITIONS` comes from the per-layer table.
 Results: ``benchmarks/results/conv-gradients.json`` and ``.md``.
 """
 
@@ -55,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    from repif import layer_gradients as lg
+    from repif.gradients import hooks as lg
     from repif.models import ResNet18
     from repif.task import FunctionalModel
 

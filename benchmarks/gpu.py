@@ -52,7 +52,7 @@ def scores_step(device: str, dry: bool) -> dict[str, Any]:
     import torch
 
     import repif
-    from repif.gradients import stream_gradients
+    from repif.gradients.streaming import stream_gradients
     from repif.models import ResNet18
 
     cfg = SCORES_DRY if dry else SCORES_GPU

@@ -84,8 +84,8 @@ def timed(fn: Any) -> float:
 def measure(name: str, data_dir: str, n: int) -> dict[str, Any]:
     import repif
     from repif import datasets
-    from repif.gradients import per_sample_gradients, split_batch, stream_gradients
-    from repif.layer_gradients import conv_route
+    from repif.gradients.hooks import conv_route
+    from repif.gradients.streaming import per_sample_gradients, split_batch, stream_gradients
 
     ds = datasets.load("mnist", data_dir=data_dir)
     model = build(name, data_dir).eval()

@@ -314,16 +314,18 @@ def test_wrong_input_shape_for_the_model(linear, data, side):
     assert "pass data of the shape and layout the model takes" in msg
 
 
-def test_model_returning_a_tuple(data):
+def test_model_returning_no_logits(data):
+    """A tuple with the logits first is taken (tests/test_model_outputs.py); a dict without
+    "logits" names its type and the fix."""
     class TwoHeads(nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(D, C).double()
 
         def forward(self, x):
-            return self.lin(x), x
+            return {"scores": self.lin(x), "x": x}
 
-    with pytest.raises(ValueError, match=r"returned a tuple, not a tensor.*override forward"):
+    with pytest.raises(ValueError, match=r"returned a dict, not a tensor.*override forward"):
         _est(TwoHeads(), data)
 
 

@@ -9,8 +9,8 @@ from torch import nn
 
 import repif
 from repif import datasets, models
-from repif.gradients import per_sample_gradients
-from repif.layer_gradients import layer_engine
+from repif.gradients.hooks import layer_engine
+from repif.gradients.streaming import per_sample_gradients
 from repif.task import FunctionalModel
 
 
@@ -117,8 +117,10 @@ def test_ineligible_models_fall_back_and_still_agree(cls):
     assert auto.cost.engine is None
     func = repif.InfluenceEstimator(model, (x, y), damping=0.1, per_sample="func")
     torch.testing.assert_close(auto.influence((x[:3], y[:3])), func.influence((x[:3], y[:3])))
-    with pytest.raises(ValueError, match="per_sample='hooks' needs"):
+    with pytest.raises(ValueError, match="per_sample='hooks' needs") as info:
         repif.InfluenceEstimator(model, (x, y), per_sample="hooks")
+    if cls is FreeParameter:  # the module without a rule is named
+        assert "without a rule: (model) (FreeParameter)" in str(info.value)
 
 
 def test_hooks_and_func_give_the_same_influence(digits):
@@ -189,7 +191,7 @@ class _OneConv(nn.Module):
 def test_conv_weight_routes_match_torch_func(monkeypatch, route, conv):
     """Per-sample convolution gradients by unfolded patches and by shifted slices (and the
     per-layer rule choosing between them) against torch.func's vmap(grad)."""
-    from repif import layer_gradients
+    from repif.gradients import hooks as layer_gradients
 
     monkeypatch.setattr(layer_gradients, "conv_gradient_mode", route)
     torch.manual_seed(0)
@@ -203,7 +205,7 @@ def test_conv_weight_routes_match_torch_func(monkeypatch, route, conv):
 
 
 def test_conv_route_rule():
-    from repif.layer_gradients import SLICES_MIN_POSITIONS, conv_gradient_route
+    from repif.gradients.hooks import SLICES_MIN_POSITIONS, conv_gradient_route
 
     three, one = nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1)
     assert conv_gradient_route(three, SLICES_MIN_POSITIONS) == "slices"

@@ -10,7 +10,7 @@ from torch import nn
 
 from repif import InfluenceEstimator, datasets, models
 from repif.errors import CorruptFileError, TooLargeError
-from repif.gradients import per_sample_gradients
+from repif.gradients.streaming import per_sample_gradients
 from repif.projection import DEFAULT_PROJECTION_DIM, KroneckerProjection, ProjectedGradients
 from repif.task import FunctionalModel
 

@@ -6,7 +6,13 @@ by a sampler; see :class:`InfluenceEstimator` for the conventions.
 
 from repif import datasets, models, samplers, solvers
 from repif.distributed import DistributedError
-from repif.errors import CorruptFileError, RepifError, SolverDivergedError, TooLargeError
+from repif.errors import (
+    CorruptFileError,
+    RemovalWarning,
+    RepifError,
+    SolverDivergedError,
+    TooLargeError,
+)
 from repif.estimator import InfluenceEstimator, TopK
 from repif.fitting import FittedCurvature
 from repif.memory import MemoryBudget
@@ -26,6 +32,7 @@ __all__ = [
     "MemoryBudget",
     "PoolStatistics",
     "ProjectedGradients",
+    "RemovalWarning",
     "RepifError",
     "SolverDivergedError",
     "StatisticsRecorder",

@@ -18,3 +18,9 @@ class TooLargeError(RepifError, MemoryError):
 class CorruptFileError(RepifError, ValueError):
     """A saved file cannot be read back: unparsable, foreign, or its content fails its checksum.
     Callers that can rebuild the file treat it as missing (with a warning)."""
+
+
+class RemovalWarning(UserWarning):
+    """A removal (``InfluenceEstimator.remove``) damaged what it should have kept: the retained
+    classes' accuracy fell below the share :data:`repif.unlearning.RETAINED_SHARE` of its value
+    before the update. The message names the measured drop and the fix."""

@@ -21,6 +21,7 @@ Conventions (used everywhere in repif):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,15 +33,16 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from repif import curvature_kinds, distributed
+from repif import distributed
 from repif import options as _options
 from repif import samplers as _samplers
 from repif import solvers as _solvers
-from repif.curvature import resolve_shrinkage
+from repif.curvature import kinds as curvature_kinds
+from repif.curvature.operator import resolve_shrinkage
 from repif.data import DataSource, take
 from repif.fitting import CurvatureFitter, FitOptions, FittedCurvature
-from repif.gradients import CostModel, split_batch, stream_gradients, stream_scores
-from repif.layer_gradients import LayerGradientEngine, layer_engine
+from repif.gradients.hooks import LayerGradientEngine, layer_engine, unsupported_layers
+from repif.gradients.streaming import CostModel, split_batch, stream_gradients, stream_scores
 from repif.memory import MemoryBudget
 from repif.progress import bar as progress_bar
 from repif.projection import (
@@ -114,7 +116,7 @@ class InfluenceEstimator:
     preconditioner. ``kronecker_options`` configure either fit: ``fisher`` ("exact" or
     "sampled"), ``other_layers`` ("error", "identity", "frozen"), ``weight_sharing`` ("expand"
     or "reduce": K-FAC-reduce, far cheaper on convolutions) and ``cache_dir`` (see
-    :mod:`repif.curvature_kinds`). ``pool_statistics`` (from another estimator's
+    :mod:`repif.curvature.kinds`). ``pool_statistics`` (from another estimator's
     :meth:`pool_statistics`, same model and data, or a :class:`~repif.recording.PoolStatistics`
     recorded during training) spares the logit/feature samplers their pass; statistics that
     ``repif.train(..., record_statistics=True)`` left on the model are used by default when
@@ -201,6 +203,12 @@ class InfluenceEstimator:
         self.shrinkage = shrinkage
         self.solver_options = solver_options
         self.task = _options.resolve_task(task, weight_decay)
+        if solver == "eigen" and damping + self.task.weight_decay <= 0:
+            raise ValueError(
+                "solver 'eigen' needs damping + weight_decay > 0: a Kronecker factor of softmax "
+                "cross-entropy is singular (the output layer's G has the all-ones null "
+                "direction: shifting every logit together leaves the loss unchanged), so λ = 0 "
+                "would fail after the fit; pass damping > 0, e.g. 1e-3 × the curvature's scale")
         self.progress = progress
 
         params = list(model.parameters())
@@ -289,10 +297,13 @@ class InfluenceEstimator:
         probe = self.source.gather(torch.arange(min(PROBE_POINTS, len(self.source))))
         engine = layer_engine(self.fm, *split_batch(self.fm, probe))
         if engine is None and per_sample == "hooks":
+            missing = unsupported_layers(self.fm)
             raise ValueError(
                 "per_sample='hooks' needs every trainable parameter in an nn.Linear, Conv2d, "
-                "BatchNorm (eval), LayerNorm or Embedding called once per forward; use "
-                "per_sample='auto' or 'func'"
+                "BatchNorm (eval), LayerNorm, Embedding or Hugging Face Conv1D called once per "
+                "forward" + (f"; without a rule: {', '.join(missing[:10])}" if missing else
+                             " (a layer is called twice, or the self-check disagreed)")
+                + "; use per_sample='auto' or 'func'"
             )
         return engine
 
@@ -330,6 +341,27 @@ class InfluenceEstimator:
     def fit(self, pool: Tensor | None = None) -> InfluenceEstimator:
         """Draw the curvature subset from ``pool`` (training indices) and prepare the solver."""
         self._fitted = self.fitter.draw(pool)
+        return self
+
+    def set_damping(self, damping: float) -> InfluenceEstimator:
+        """Change λ, keeping the fitted curvature: the solver is prepared again on the same
+        subset and the curvature already built there (Kronecker factors and their
+        eigendecomposition are not recomputed; an exact curvature's solver refactorises). Also
+        after a fit whose solver refused the old damping: the next fit reuses what was fitted.
+        Returns self."""
+        check_finite_number(damping, "damping")
+        if not damping >= 0:
+            raise ValueError(f"damping must be ≥ 0, got {damping}; a typical value is 1e-3–1e-1")
+        self.damping = float(damping)
+        self.fitter.options = dataclasses.replace(self.fitter.options, damping=float(damping))
+        if self._fitted is not None:
+            subset, timings = self._fitted.subset, self._fitted.timings
+            prepared = self.fitter.prepare(subset)
+            self._fitted = FittedCurvature(subset, prepared.solver,
+                                           {**timings, **prepared.timings})
+        elif self.fitter.kept is not None:  # a fit whose solver failed: finish it now
+            subset = self.fitter.kept[0]
+            self._fitted = self.fitter.prepare(subset)
         return self
 
     def draw(self, pool: Tensor | None = None) -> FittedCurvature:
@@ -636,10 +668,21 @@ class InfluenceEstimator:
         with distributed.local():
             for offset, g in stream_gradients(self.fm, self.source, mine, self.budget,
                                               self.cost, extra_row_bytes=solver_row):
-                out[offset : offset + g.shape[0]] = -(g * self.inverse_hvp(g)).sum(dim=1).cpu()
+                out[offset : offset + g.shape[0]] = -self._quadratic(g).cpu()
                 bar.update(g.shape[0])
         bar.close()
         return distributed.all_gather_cat(out)
+
+    def _quadratic(self, g: Tensor) -> Tensor:
+        """(k,) ∇l_iᵀ(C + λI)⁻¹∇l_i of a block of gradients: one batched solve, or a solver's
+        cheaper quadratic form (Woodbury, eigen), never one solve per point."""
+        q = self.fitted.quadratic(g.to(self.fm.device, self.fm.dtype))
+        if not bool(torch.isfinite(q).all()):
+            raise ArithmeticError(
+                f"solver {self.solver_name!r} returned non-finite values; raise the damping "
+                f"(now {self.damping}) or use curvature='ggn'"
+            )
+        return q
 
     def _lockstep_self_influence(self, idx: Tensor, solver_row: int) -> Tensor:
         """Self-influence over several processes when the solver runs in lockstep: chunks of
@@ -650,7 +693,7 @@ class InfluenceEstimator:
         bar = self._bar(idx.numel(), "self-influence")
         for s in range(0, idx.numel(), rows):
             g = self._gradients(self.source, idx[s : s + rows])
-            out[s : s + g.shape[0]] = -(g * self.inverse_hvp(g)).sum(dim=1).cpu()
+            out[s : s + g.shape[0]] = -self._quadratic(g).cpu()
             bar.update(g.shape[0])
         bar.close()
         return out
@@ -687,8 +730,8 @@ class InfluenceEstimator:
         return TopK(lo.indices, lo.values, hi.indices, hi.values)
 
     # ------------------------------------------------------------------ removal
-    def remove(self, indices: Tensor, scale: float = 1.0, steps: int = 1,
-               gradient: Tensor | None = None) -> nn.Module:
+    def remove(self, indices: Tensor, scale: float | str = 1.0, steps: int = 1,
+               gradient: Tensor | None = None, validation: Any = None) -> nn.Module:
         """A new model with training points ``indices`` removed by Newton (influence) steps.
 
         See :func:`repif.unlearning.newton_removal` for the update and what ``scale`` (η) and
@@ -698,9 +741,19 @@ class InfluenceEstimator:
         ``gradient``: the first step's g for these indices at this model's parameters
         (:func:`repif.unlearning.removal_gradient`), when already computed — e.g. once for
         several estimators of the same model removing the same points; None computes it.
+
+        ``scale="auto"`` picks η on ``validation`` (held-out points in any form ``influence``
+        takes for its test side; they need points of the removed class(es) and of the others)
+        as the command line's ``--scale auto`` does: the η of :data:`repif.unlearning.SCALE_GRID`
+        with the best removal F1 there. After the update the retained classes' accuracy is
+        measured (on ``validation``, else on the curvature subset's remaining training points)
+        and a :class:`repif.RemovalWarning` names the drop and the fix when less than 90% of it
+        is kept. ``last_removal`` then holds the η used and the accuracies measured.
         """
+        source = None if validation is None else self._test_source(validation)
+        self.last_removal: dict[str, float] = {}
         return newton_removal(self.fitter, self._fitted, indices, scale=scale, steps=steps,
-                              gradient=gradient)
+                              gradient=gradient, validation=source, report=self.last_removal)
 
 
 def _rows_of(stored: Tensor, wanted: Tensor) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -35,11 +36,12 @@ def f1_score(forget: float, consistency: float) -> float:
 
 
 def removal_scores(
-    new_pred: Tensor, original_pred: Tensor, labels: Tensor, removed_class: int
+    new_pred: Tensor, original_pred: Tensor, labels: Tensor, removed_class: int | Iterable[int]
 ) -> RemovalScores:
     """Scores of a removal from test-set predictions (all (n,) integer tensors).
 
-    forget = 1 − fraction of class-``removed_class`` points still predicted as it;
+    forget = 1 − fraction of class-``removed_class`` points still predicted as it (several
+    removed classes: as their own class);
     consistency = fraction of other-class points whose prediction equals the original model's;
     accuracy_remaining = plain accuracy on the other-class points.
     """
@@ -48,12 +50,15 @@ def removal_scores(
             f"predictions and labels must have one shape, got {tuple(new_pred.shape)}, "
             f"{tuple(original_pred.shape)} and {tuple(labels.shape)}"
         )
-    target = labels == removed_class
+    classes = [int(removed_class)] if isinstance(removed_class, int) else sorted(
+        int(c) for c in removed_class)
+    target = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype, device=labels.device))
+    shown = classes[0] if len(classes) == 1 else classes
     if not bool(target.any()):
-        raise ValueError(f"no test point has class {removed_class}; cannot measure forgetting")
+        raise ValueError(f"no test point has class {shown}; cannot measure forgetting")
     if bool(target.all()):
         raise ValueError("every test point is of the removed class; consistency is undefined")
-    forget = 1.0 - float((new_pred[target] == removed_class).double().mean())
+    forget = 1.0 - float((new_pred[target] == labels[target]).double().mean())
     other = ~target
     consistency = float((new_pred[other] == original_pred[other]).double().mean())
     accuracy = float((new_pred[other] == labels[other]).double().mean())

@@ -50,14 +50,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repif.errors import CorruptFileError
-from repif.io import environment_metadata, load_tensors, save_tensors_atomic
-from repif.layer_gradients import (
+from repif.gradients.hooks import (
     LayerBlock,
     LayerGradientEngine,
     _conv_weight_by_slices,
     _per_sample,
     conv_gradient_route,
 )
+from repif.io import environment_metadata, load_tensors, save_tensors_atomic
 
 #: Score routes of :class:`~repif.estimator.InfluenceEstimator` (its ``scores=`` option):
 #: "exact" (every per-sample gradient, layer by layer) or "projected" (this module).
@@ -103,7 +103,7 @@ def eigen_bases(fm: Any, x: Any, y: Any, weights: Tensor, budget: Any
                 ) -> dict[nn.Module, tuple[Tensor, Tensor]]:
     """Per Linear/Conv2d module, the eigenvectors (ascending) of its K-FAC factors G and A on
     the weighted points ``(x, y)`` (exact Fisher; other layers are left to the identity)."""
-    from repif.kfac import fit_kronecker
+    from repif.curvature.kfac import fit_kronecker
 
     fitted = fit_kronecker(fm, x, y, weights, kind="kfac", other_layers="identity",
                            budget=budget)
@@ -112,7 +112,7 @@ def eigen_bases(fm: Any, x: Any, y: Any, weights: Tensor, budget: Any
 
 
 def _digest(parts: list[Tensor]) -> str:
-    from repif.kfac import _digest as digest
+    from repif.curvature.kfac import _digest as digest
 
     return digest(parts)
 
@@ -204,7 +204,7 @@ class KroneckerProjection:
 
     def describe(self) -> dict[str, Any]:
         """What the projected coordinates depend on (stored beside saved gradients)."""
-        from repif.kfac import model_digest
+        from repif.curvature.kfac import model_digest
 
         mats = [t for s in self.sides if s.p_out is not None for t in (s.p_out, s.p_in)]
         return {"format": FORMAT, "dim": self.dim, "seed": self.seed, "size": self.size,

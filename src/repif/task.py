@@ -21,12 +21,30 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-from repif.data import Batch
+from repif.data import Batch, batch_len
 from repif.params import ParameterSpace
 from repif.validation import check_finite_number, check_labels
 
 #: Key of the targets in a dict batch, as in Hugging Face datasets.
 DEFAULT_TARGET_KEY = "labels"
+
+
+def output_tensor(out: Any) -> Any:
+    """The output tensor in what a model returned, as models come: a tensor itself; an object
+    with a tensor ``.logits`` attribute (a Hugging Face ``ModelOutput``); a dict with a tensor
+    under ``"logits"``; a tuple or list whose first element is a tensor (``return_dict=False``,
+    or a model returning ``(logits, extras…)``). Anything else is returned unchanged (and
+    refused later with the fix named)."""
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    return out
 
 
 class Task:
@@ -65,12 +83,14 @@ class Task:
         )
 
     def forward(self, call: Callable[..., Any], inputs: Any) -> Tensor:
-        """Model output for ``inputs``; ``call`` is the model (called functionally)."""
+        """Model output for ``inputs``; ``call`` is the model (called functionally). What the
+        model returns goes through :func:`output_tensor`: a tensor, or the logits of a Hugging
+        Face ``ModelOutput``, a dict or a tuple (see there)."""
         if isinstance(inputs, Mapping):
-            return call(**inputs)
+            return output_tensor(call(**inputs))
         if isinstance(inputs, tuple):
-            return call(*inputs)
-        return call(inputs)
+            return output_tensor(call(*inputs))
+        return output_tensor(call(inputs))
 
     # ------------------------------------------------------------------ objective
     def loss_from_output(self, output: Tensor, targets: Any) -> Tensor:
@@ -240,8 +260,10 @@ class FunctionalModel:
             ) from err
         if not isinstance(out, Tensor):
             raise ValueError(
-                f"the model returned a {type(out).__name__}, not a tensor of outputs; wrap it "
-                "to return the logits, or subclass repif.Task and override forward to pick them"
+                f"the model returned a {type(out).__name__}, not a tensor of outputs (nor an "
+                "object with .logits, a dict with 'logits' or a tuple with the logits first); "
+                "wrap it to return the logits, or subclass repif.Task and override forward to "
+                "pick them"
             )
         plain_ce = isinstance(self.task, ClassificationTask) and self.task._closed_form()
         if out.ndim < 2 or (plain_ce and out.ndim != 2):
@@ -334,6 +356,40 @@ class FunctionalModel:
         finally:
             handle.remove()
         return out, captured[0]
+
+
+#: Phrases of torch.func's error for a model whose forward branches on the values of its inputs
+#: (e.g. Hugging Face's attention masks: ``if padding_mask.all()``), which ``vmap`` cannot batch.
+_DATA_DEPENDENT = ("data-dependent control flow", "calling .item()")
+
+
+def vmap_points(fn: Callable[..., Tensor], in_dims: tuple[Any, ...]) -> Callable[..., Tensor]:
+    """``vmap(fn, in_dims)`` over points, falling back to a loop over the points (same result,
+    one point per call) when the model's forward branches on its inputs' values, which
+    ``vmap`` refuses. The first argument with ``in_dims`` 0 sets the number of points."""
+    batched = vmap(fn, in_dims=in_dims)
+    state = {"loop": False}
+
+    def loop(*args: Any) -> Tensor:
+        n = next(batch_len(a) for a, d in zip(args, in_dims, strict=True) if d == 0)
+        outs = []
+        for i in range(n):
+            one = [tree_map(lambda t, i=i: t[i] if isinstance(t, Tensor) else t, a) if d == 0
+                   else a for a, d in zip(args, in_dims, strict=True)]
+            outs.append(fn(*one))
+        return torch.stack(outs)
+
+    def run(*args: Any) -> Tensor:
+        if not state["loop"]:
+            try:
+                return batched(*args)
+            except RuntimeError as err:
+                if not any(p in str(err) for p in _DATA_DEPENDENT):
+                    raise
+                state["loop"] = True
+        return loop(*args)
+
+    return run
 
 
 def _per_point(values: Any, output: Tensor, what: str) -> Tensor:

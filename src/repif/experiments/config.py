@@ -6,26 +6,23 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from repif import curvature_kinds, kfac, samplers, solvers
+from repif import samplers, solvers
+from repif.curvature import kfac
+from repif.curvature import kinds as curvature_kinds
 from repif.memory import MemoryBudget
-from repif.validation import check_choice
+from repif.unlearning import SCALE_GRID as _SCALE_GRID
+from repif.validation import check_choice, dataclass_from_dict
 
 #: Suffix on a sampler name that turns on the diagonal shrinkage fill (``shrinkage="auto"``).
 SHRINK_SUFFIX = "+shrink"
 #: Sampler-spec suffix ``+candN``: two-phase sampling from N·m uniform candidates.
 CANDIDATES_PREFIX = "cand"
 
-#: Grid for ``scale="auto"``: η is picked on the validation split, never on the test set.
-#: η ≥ 1 compensates a curvature that overstates how stiff a deep network is (exact GGN/Hessian
-#: on a small subset); η < 1 one that understates it (Kronecker factors with a sampled output
-#: Hessian overshot ResNet-18's removal by ≈ 300×: best validation F1 at η ≈ 0.003). The values
-#: ≥ 1 are tried first, so a value below 1 is taken only when strictly better (ties keep the
-#: larger step, as before the small values existed).
-SCALE_GRID = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0,
-              0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
+#: Grid for ``scale="auto"`` (one grid for the API and the study: see repif.unlearning).
+SCALE_GRID = _SCALE_GRID
 
 #: Fields that do not change a cell's numbers (only which cells exist, or how they are shown;
 #: the memory budget only how the streamed passes are chunked).
@@ -40,8 +37,8 @@ class StudyConfig:
     model: str = "mlp"
     width: int | None = None  # model size (see repif.models.build); None: the model's default
     remove: list[int] = field(default_factory=lambda: [0])
-    samplers: list[str] = field(default_factory=lambda: ["random"])
-    sizes: list[int] = field(default_factory=lambda: [64])
+    samplers: list[str] = field(default_factory=lambda: ["random", "logit-importance"])
+    sizes: list[int] = field(default_factory=lambda: [16, 64, 256])
     seeds: int = 3
     solver: str = "cg"
     curvature: str = "ggn"
@@ -59,7 +56,7 @@ class StudyConfig:
     validation_fraction: float = 0.1
     dtype: str = "float64"
     device: str = "cpu"
-    #: Options of a Kronecker-factored curvature ("kfac"/"ekfac"; repif.curvature_kinds.KFAC):
+    #: Options of a Kronecker-factored curvature ("kfac"/"ekfac"; repif.curvature.kinds.KFAC):
     #: None keeps the library's default ("exact" output Hessian; other layers an error).
     fisher: str | None = None
     other_layers: str | None = None
@@ -146,8 +143,9 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The configuration stored in a results file; an unknown key is a ValueError naming
+        it."""
+        return dataclass_from_dict(cls, d, "the study configuration")
 
     def cell_hash(self) -> str:
         """Hash of the fields that change a cell's numbers; cells are reused only if it matches."""

@@ -24,7 +24,6 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from repif import datasets, io, models, samplers
+from repif import datasets, io, models, runs, samplers
 from repif.datasets.base import stratified_subset
 from repif.estimator import InfluenceEstimator
-from repif.experiments.config import SCALE_GRID, StudyConfig, parse_sampler
-from repif.experiments.lock import OutputLock, OutputLockedError
+from repif.experiments.config import StudyConfig, parse_sampler
 from repif.experiments.resources import measure
 from repif.metrics import cosine, predict, relative_error, removal_scores
+from repif.runs import OutputLock
 from repif.training import load_or_train, train
-from repif.unlearning import remaining_indices, removal_gradient
+from repif.unlearning import choose_scale, remaining_indices, removal_gradient
 
 log = logging.getLogger("repif.study")
 
@@ -383,19 +382,18 @@ class Study:
         return row
 
     def _pick_scale(self, est: InfluenceEstimator, v: Tensor, cls: int) -> float:
-        """η maximising validation F1 of a one-step update along the full-pool direction."""
+        """η maximising validation F1 of a one-step update along the full-pool direction
+        (:func:`repif.unlearning.choose_scale`, as the API's ``remove(scale="auto")``)."""
         if self.original_val is None or not bool((self.val[1] == cls).any()):
             raise StudyError(f"the validation split has no point of class {cls}; pass --scale")
-        best, best_f1 = SCALE_GRID[0], -1.0
-        theta = est.fm.theta
-        for eta in SCALE_GRID:
+
+        def predictions(theta: Tensor) -> Tensor:
             model = copy.deepcopy(est.model)
-            est.fm.space.set(model, theta + eta * v)
-            pred = predict(model, self.val[0])
-            f1 = removal_scores(pred, self.original_val, self.val[1], cls).f1
-            if f1 > best_f1 + 1e-12:
-                best, best_f1 = eta, f1
-        return best
+            est.fm.space.set(model, theta)
+            return predict(model, self.val[0])
+
+        return choose_scale(predictions, est.fm.theta, v, self.val[1], self.original_val,
+                            [cls])[0]
 
     def _retrain(self, cls: int, rest: Tensor) -> dict[str, Any]:
         c = self.config
@@ -514,46 +512,16 @@ class Study:
             out[cls] = (removed, rest)
         return out
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold the output directory's lock (re-entrant); clears temporary files that writes
         killed midway left behind, which only the lock holder may do."""
-        if self._lock.held:
-            yield
-            return
-        try:
-            self._lock.acquire()
-        except OutputLockedError as err:
-            raise StudyEnvironmentError(str(err)) from None
-        try:
-            removed = [*io.remove_temporaries(self.out), *io.remove_temporaries(
-                self.out / "cache"), *io.remove_temporaries(self.out / "vectors", recursive=True)]
-            if removed:
-                log.warning("removed %d temporary file(s) that interrupted writes left in %s: %s",
-                            len(removed), self.out, ", ".join(p.name for p in removed))
-            yield
-        finally:
-            self._lock.release()
+        return runs.locked_run(self._lock, self.out, [
+            (self.out, False), (self.out / "cache", False), (self.out / "vectors", True)],
+            StudyEnvironmentError)
 
     def _back_up(self, stale: dict[str, Any]) -> Path:
-        """Merge results of another configuration into ``results.<their hash>.json`` (a backup
-        only grows; an unreadable one is kept and the rows go to the next free name)."""
-        h = stale["config_hash"]
-        path = self.out / f"results.{h}.json"
-        merged = stale
-        if path.exists():
-            try:
-                merged = merge_results(read_results(path), stale)
-            except StudyError as err:
-                log.warning("keeping the unreadable backup %s as it is (%s)", path, err)
-                n = 1
-                while (self.out / f"results.{h}.{n}.json").exists():
-                    n += 1
-                path = self.out / f"results.{h}.{n}.json"
-        io.write_json_atomic(path, merged)
-        log.warning("configuration changed: the earlier results (%d cells) are kept in %s",
-                    len(merged["cells"]), path)
-        return path
+        """Merge results of another configuration into ``results.<their hash>.json``."""
+        return runs.back_up(self.out, stale, read_results, merge_results, StudyError)
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every cell of the grid; results.json keeps every finished cell of

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from repif.curvature import CurvatureOperator
+from repif.curvature.operator import CurvatureOperator
 from repif.errors import SolverDivergedError
 from repif.registry import Registry
 
@@ -124,6 +124,12 @@ class Solver(ABC):
     @abstractmethod
     def _solve(self, g: Tensor) -> Tensor:
         """(k, p) right-hand sides → (k, p) solutions."""
+
+    def quadratic(self, g: Tensor) -> Tensor:
+        """(k,) the quadratic forms g_iᵀ(C + λI)⁻¹g_i of (k, p) rows (self-influence's form).
+        Default: from the checked block solve; a solver with a factorisation overrides it with
+        a cheaper form (half the work: only one side of the factorisation is applied)."""
+        return (g * self.solve(g)).sum(1)
 
     def fix(self) -> str:
         """What to change when the solve breaks down, true for this curvature."""

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from repif.errors import SolverDivergedError
+from repif.errors import SolverDivergedError, TooLargeError
 from repif.solvers.base import (
     RHS_BLOCK_SIZE,
     Solver,
@@ -18,6 +18,12 @@ from repif.solvers.base import (
     tolerance,
 )
 from repif.solvers.preconditioning import check_preconditioner, resolve_preconditioner
+
+#: Rows from which CG's quadratic form (self-influence) factorises the subset GGN (Woodbury)
+#: instead of running block CG: building the factor costs about m·C backward passes, a CG solve
+#: of k rows about (iterations × ⌈k/block_size⌉) passes of jvp+vjp over the m points, so a
+#: block of a few dozen rows at tens of iterations already costs more than the factor.
+QUADRATIC_FACTOR_ROWS = 16
 
 
 class CGSolver(Solver):
@@ -53,6 +59,40 @@ class CGSolver(Solver):
 
     def _prepare(self) -> None:
         self.precond = resolve_preconditioner(self.preconditioner, self.operator, self.damping)
+        self._woodbury: Any = None
+
+    def quadratic(self, g: Tensor) -> Tensor:
+        """(k,) g_iᵀ(C + λI)⁻¹g_i. For the exact GGN and a block of at least
+        :data:`QUADRATIC_FACTOR_ROWS` rows, through the subset's Woodbury factorisation (the
+        same (C_T + λI)⁻¹, exactly, where CG reaches it to ``tol``), built once and kept, when
+        it fits the memory budget and ``max_rows``: each later row then costs one product with
+        the (mC × p) factor instead of a CG recursion of curvature passes. Otherwise the block
+        CG solve."""
+        if self._woodbury is None and g.shape[0] >= QUADRATIC_FACTOR_ROWS:
+            self._woodbury = self._factorised()
+        if self._woodbury:
+            return self._woodbury.quadratic(g)
+        return super().quadratic(g)
+
+    def _factorised(self) -> Any:
+        """A Woodbury solver on the same operator and damping, or False where it does not fit
+        (not the GGN, too many rows, over the memory budget)."""
+        from repif.solvers.woodbury import WoodburySolver
+
+        op = self.operator
+        if getattr(op, "kind", None) != "ggn" or not hasattr(op, "ggn_factor") or \
+                self.damping + op.weight_decay <= 0:
+            return False
+        solver = WoodburySolver()
+        solver.operator, solver.damping = op, self.damping
+        try:
+            if op.n * op.output_dim > solver.max_rows:
+                return False
+            op.budget.require(solver.predicted_bytes(), "", "")
+            solver._prepare()
+        except (TooLargeError, RuntimeError):  # RuntimeError: Cholesky failed (round-off)
+            return False
+        return solver
 
     def _precondition(self, r: Tensor) -> Tensor:
         """M r: r itself without a preconditioner."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from repif.curvature.kfac import KroneckerCurvature
 from repif.errors import SolverDivergedError
-from repif.kfac import KroneckerCurvature
 from repif.solvers.base import Solver, singular_threshold
 
 
@@ -31,8 +31,16 @@ class EigenSolver(Solver):
         if not low > singular_threshold(dtype) * max(high, 0.0) or not high > 0:
             raise SolverDivergedError(
                 f"solver 'eigen': an eigenvalue of C + λI is zero to working precision "
-                f"(smallest {low:.3e} against largest {high:.3e}); {self.fix()}"
+                f"(smallest {low:.3e} against largest {high:.3e}); {self.fix()}: the "
+                "factors stay fitted, so estimator.set_damping(λ) with λ ≳ "
+                f"{max(high, 0.0) * singular_threshold(dtype) * 1e3:.1e} re-solves without "
+                "refitting"
             )
 
     def _solve(self, g: Tensor) -> Tensor:
         return self.operator.inverse(g, self.damping)
+
+    def quadratic(self, g: Tensor) -> Tensor:
+        """Σ over layers of the rotated block squared over (Λ + wd + λ): one rotation per side
+        instead of the solve's two."""
+        return self.operator.quadratic(g, self.damping)

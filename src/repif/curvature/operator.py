@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from repif import distributed
 from repif.data import batch_len, take, to_device
 from repif.memory import MemoryBudget
-from repif.task import FunctionalModel
+from repif.task import FunctionalModel, vmap_points
 
 CURVATURES = ("ggn", "hessian")
 
@@ -79,6 +80,13 @@ def resolve_shrinkage(shrinkage: float | str, m: int) -> float:
     return float(shrinkage)
 
 
+#: Curvature products run scaled-dot-product attention on its composite "math" kernel: the
+#: fused CPU/GPU kernels (flash, memory-efficient) have neither forward-mode AD nor a second
+#: derivative, which the GGN's J v and the Hessian's products need (Hugging Face models call
+#: ``F.scaled_dot_product_attention`` by default). Same values, only slower attention.
+_MATH_ATTENTION = SDPBackend.MATH
+
+
 class CurvatureOperator:
     """The linear map v ↦ C v for a fixed model, subset and weights w (Σ w = 1).
 
@@ -123,6 +131,9 @@ class CurvatureOperator:
         self.budget = budget or MemoryBudget.resolve(None, fm.device)
         self._diag: Tensor | None = None
         self._activation_numel: int | None = None  # one point's activations, measured once
+        #: False once a product met an op without forward-mode AD: J v then comes from two
+        #: reverse passes (the transpose of the pullback), which every differentiable op has.
+        self._forward_ad = True
 
     @property
     def size(self) -> int:
@@ -159,9 +170,16 @@ class CurvatureOperator:
         def f(t: Tensor) -> Tensor:
             return self.fm.output(t, x)
 
-        out, jv = jvp(f, (theta,), (v,))
+        out, pullback = vjp(f, theta)
+        if self._forward_ad:
+            try:
+                jv = jvp(f, (theta,), (v,))[1]
+            except NotImplementedError:  # an op without forward AD (e.g. CPU flash attention)
+                self._forward_ad = False
+        if not self._forward_ad:
+            # J v as the transpose of the (linear) pullback u ↦ Jᵀu: two reverse passes
+            jv = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))[1](v)[0]
         u = self.fm.task.output_hessian_vector(out.detach(), y, jv) * w[:, None]
-        _, pullback = vjp(f, theta)
         return pullback(u)[0]
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -178,6 +196,10 @@ class CurvatureOperator:
     def _pass(self, vs: Tensor) -> Tensor:
         """Σ_i w_i (curvature of point i) V through the model, as many (point, row) pairs per
         vmapped call as the budget allows."""
+        with sdpa_kernel(_MATH_ATTENTION):
+            return self._pass_math(vs)
+
+    def _pass_math(self, vs: Tensor) -> Tensor:
         k = vs.shape[0]
         step = self._points_per_call(k)
         batched = vmap(self._chunk_product, in_dims=(None, None, None, 0))
@@ -249,14 +271,15 @@ class CurvatureOperator:
         def single(theta: Tensor, xi: Any) -> Tensor:
             return fm.output(theta, take(xi, None)).squeeze(0)  # t[None]: a batch of one
 
-        jac = vmap(jacrev(single), in_dims=(None, 0))
+        jac = vmap_points(jacrev(single), (None, 0))
         per_point = JACOBIAN_COPIES * self.output_dim * self.size * fm.theta.element_size()
         step = self.budget.rows(per_point + self._pair_cost(), limit=self.n)
         lo, hi = distributed.local_range(self.n)
         for s in range(lo, hi, step):
             rows = slice(s, min(s + step, hi))
             x, y, w = take(self.x, rows), take(self.y, rows), self.weights[rows]
-            j = jac(fm.theta, x)  # (b, C, p)
+            with sdpa_kernel(_MATH_ATTENTION):  # jacrev batches the backward
+                j = jac(fm.theta, x)  # (b, C, p)
             with torch.no_grad():
                 b = fm.task.output_hessian_factor(fm.output(fm.theta, x), y)  # (b, C, C)
             yield (w.sqrt()[:, None, None] * (b @ j)).reshape(-1, self.size)

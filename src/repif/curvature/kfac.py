@@ -562,6 +562,19 @@ class KroneckerCurvature:
         mu = self.weight_decay + damping
         return self._map(v, lambda lam: (lam + mu).reciprocal(), 1.0 / mu if mu > 0 else 0.0)
 
+    def quadratic(self, v: Tensor, damping: float) -> Tensor:
+        """(k,) v_iᵀ(C + λI)⁻¹v_i for (k, p) rows: per layer Σ (Q_Gᵀ V Q_A)² / (Λ + wd + λ),
+        the parameters outside the layers over wd + λ ("identity") or left out ("frozen")."""
+        mu = self.weight_decay + damping
+        out = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
+        for layer, f in zip(self.layers, self.factors, strict=True):
+            rot = torch.matmul(f.q_g.T, layer.gather(v)) @ f.q_a
+            out += (rot.pow(2) / (f.eigenvalues + mu)).sum((1, 2))
+        if self.other_layers == "identity" and mu > 0:
+            for _, off, numel in self.others:
+                out += v[:, off : off + numel].pow(2).sum(1) / mu
+        return out
+
     def inverse_sqrt(self, v: Tensor, damping: float) -> Tensor:
         """(C + λI)^(-1/2) V for (k, p) rows (the symmetric square root)."""
         mu = self.weight_decay + damping

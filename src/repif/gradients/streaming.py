@@ -12,12 +12,12 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import grad
 
 from repif import distributed
 from repif.data import Batch, DataSource, batch_len, take, to_device
 from repif.memory import MemoryBudget
-from repif.task import FunctionalModel
+from repif.task import FunctionalModel, vmap_points
 
 #: Bytes of working memory one point's activations take in a forward+backward, per activation
 #: element and per element byte: forward values, their gradients and the values autograd saves
@@ -30,7 +30,7 @@ GRAD_COPIES = 3
 
 
 class PerSampleEngine(Protocol):
-    """Computes per-sample gradients of a batch; :mod:`repif.layer_gradients` provides one."""
+    """Computes per-sample gradients of a batch; :mod:`repif.gradients.hooks` provides one."""
 
     def gradients(self, inputs: Any, targets: Any, measure: str = "loss") -> Tensor: ...
 
@@ -88,7 +88,7 @@ def per_sample_gradients(
     for points already gathered into model inputs and targets; in the model's dtype and device.
     ``chunk_size`` points go through one vmapped call (default: all of them)."""
     theta = fm.theta if theta is None else theta
-    g = vmap(grad(fm.sample_fn(measure)), in_dims=(None, 0, 0))
+    g = vmap_points(grad(fm.sample_fn(measure)), (None, 0, 0))
     n = batch_len(targets)
     step = n if chunk_size is None else max(1, int(chunk_size))
     out = torch.empty(n, fm.space.size, dtype=fm.dtype, device=fm.device)

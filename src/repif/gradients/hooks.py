@@ -8,7 +8,12 @@ form in (a_i, g_i) (docs/design.md, "Scale"):
 * ``nn.Conv2d``: the same sum over output positions, with a the unfolded input patches (per
   group for grouped and depthwise convolutions);
 * ``nn.BatchNorm*d`` (eval mode) and ``nn.LayerNorm``: ∇γ_i = Σ g_i ⊙ x̂_i, ∇β_i = Σ g_i;
-* ``nn.Embedding``: ∇E_i = Σ_t e_{id_it} g_itᵀ (a scatter-add).
+* ``nn.Embedding``: ∇E_i = Σ_t e_{id_it} g_itᵀ (a scatter-add);
+* Hugging Face's ``Conv1D`` (GPT-2; y = x W + b, W of shape (in, out)): ∇W_i = Σ_t a_it g_itᵀ.
+
+A layer whose output has one row shared by the whole batch (Hugging Face's position
+embeddings) is expanded to one row per point in the forward, so each point's gradient stays
+its own.
 
 This costs about one backward pass plus one extra product per layer, where ``vmap(grad)`` costs
 several times the pass on convolutions. Gradients are produced one layer at a time, so scores
@@ -29,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repif.gradients import per_sample_gradients
+from repif.data import batch_len
+from repif.gradients.streaming import per_sample_gradients
 from repif.task import FunctionalModel
 from repif.validation import check_choice
 
@@ -69,7 +75,16 @@ class LayerBlock:
         return sum(self.numels)
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """Whether ``m`` is Hugging Face's ``Conv1D`` (GPT-2's linear layer with a transposed
+    (in, out) weight: y = x W + b), recognised without importing transformers."""
+    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int) and \
+        isinstance(getattr(m, "weight", None), Tensor) and m.weight.ndim == 2
+
+
 def _eligible_module(m: nn.Module) -> bool:
+    if is_conv1d(m):
+        return True
     if not isinstance(m, SUPPORTED):
         return False
     if isinstance(m, nn.Conv2d):
@@ -127,9 +142,19 @@ class LayerGradientEngine:
         acts: dict[nn.Module, Tensor] = {}
         outs: dict[nn.Module, Tensor] = {}
 
-        def fwd(module: nn.Module, ins: tuple, out: Tensor) -> None:
-            acts[module] = ins[0].detach()
+        n = batch_len(targets)
+
+        def fwd(module: nn.Module, ins: tuple, out: Tensor) -> Tensor | None:
+            a, replaced = ins[0], None
+            if n > 1 and out.shape[:1] == (1,) and a.shape[:1] == (1,):
+                # one row shared by every point (e.g. Hugging Face's position embeddings of a
+                # (1, T) position_ids buffer, broadcast when added): given to each point as its
+                # own row, so the backward keeps each point's share of the gradient apart
+                a = a.expand(n, *a.shape[1:])
+                out = replaced = out.expand(n, *out.shape[1:])
+            acts[module] = a.detach()
             outs[module] = out
+            return replaced
 
         handles = [b.module.register_forward_hook(fwd) for b in self.blocks]
         try:
@@ -338,6 +363,12 @@ def _per_sample(m: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     """Per-sample gradients of module ``m``'s parameters from its input ``a`` and output
     gradient ``g`` (both with the samples along dimension 0)."""
     b = a.shape[0]
+    if is_conv1d(m):  # y = x W + b with W (in, out): ∇W_i = Σ_t a_it g_itᵀ
+        a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+        out = {"weight": torch.einsum("bti,bto->bio", a3, g3)}
+        if m.bias is not None:
+            out["bias"] = g3.sum(1)
+        return out
     if isinstance(m, nn.Linear):
         a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
         out = {"weight": torch.einsum("bto,bti->boi", g3, a3)}
@@ -413,6 +444,18 @@ def _blocks(fm: FunctionalModel) -> list[LayerBlock] | None:
     if seen != set(offsets):  # a parameter shared by two modules, or registered oddly
         return None
     return sorted(blocks, key=lambda b: b.offsets[0])
+
+
+def unsupported_layers(fm: FunctionalModel) -> list[str]:
+    """``"name (Type)"`` of every module owning trainable parameters that the hook engine has no
+    closed-form rule for (those make the whole model fall back to ``torch.func``)."""
+    trainable = set(fm.space.names)
+    out = []
+    for mod_name, m in fm.model.named_modules():
+        own = [f"{mod_name}.{n}" if mod_name else n for n, _ in m.named_parameters(recurse=False)]
+        if any(f in trainable for f in own) and not _eligible_module(m):
+            out.append(f"{mod_name or '(model)'} ({type(m).__name__})")
+    return out
 
 
 def layer_engine(fm: FunctionalModel, probe_inputs: Any, probe_targets: Any) -> (

@@ -151,7 +151,9 @@ def projection_model(name: str, data_dir: str) -> torch.nn.Module:
                        batch_size=128, lr=1e-3, cache_dir=HERE / "cache")
 
 
-def measure_projection(name: str, data_dir: str, n: int) -> dict[str, Any]:
+def measure_projection(name: str, data_dir: str, n: int,
+                       cells: tuple[tuple[str, int], ...] = PROJECTION_CELLS,
+                       exact: bool = True) -> dict[str, Any]:
     import repif
     from repif import datasets
 
@@ -175,10 +177,10 @@ def measure_projection(name: str, data_dir: str, n: int) -> dict[str, Any]:
                            "queries": PROJECTION_QUERIES, "subset": PROJECTION_SUBSET,
                            "num_params": exact_est.num_params, "dims": []}
     t0 = time.perf_counter()
-    exact = exact_est.fit().influence(test)
-    row["exact_s"] = time.perf_counter() - t0
+    reference = exact_est.fit().influence(test) if exact else None
+    row["exact_s"] = time.perf_counter() - t0 if exact else None
     row["pass_s"] = timed(one_pass)
-    for basis, d in PROJECTION_CELLS:
+    for basis, d in cells:
         est = repif.InfluenceEstimator(model, (x, y), scores="projected", projection_dim=d,
                                        projection_basis=basis, **kw)
         pass_s = min(timed(one_pass), timed(one_pass))  # side by side: the load drifts
@@ -188,8 +190,8 @@ def measure_projection(name: str, data_dir: str, n: int) -> dict[str, Any]:
         stored_s = timed(lambda est=est: est.projected_gradients())
         stored = est.projected_gradients()
         reuse_s = timed(lambda est=est, stored=stored: est.influence(test, projected=stored))
-        pearson = [float(torch.corrcoef(torch.stack([got[i], exact[i]]))[0, 1])
-                   for i in range(got.shape[0])]
+        pearson = [float(torch.corrcoef(torch.stack([got[i], reference[i]]))[0, 1])
+                   for i in range(got.shape[0])] if reference is not None else [float("nan")]
         cell = {"basis": basis, "dim": d, "size": est.projection.size, "pass_s": pass_s,
                 "pearson_mean": sum(pearson) / len(pearson),
                 "pearson_min": min(pearson), "influence_s": total, "train_projection_s": stored_s,
@@ -252,6 +254,10 @@ def report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _num(x: float | None) -> str:
+    return "—" if x is None or x != x else f"{x:.4f}"  # None/NaN: not measured
+
+
 def projection_report(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["", "## Projected scores (`scores=\"projected\"`) against exact", "",
              f"{PROJECTION_QUERIES} test queries against n training points; curvature: the GGN "
@@ -265,7 +271,9 @@ def projection_report(rows: list[dict[str, Any]]) -> list[str]:
              "(the machine is shared; its load drifts). The 100-query time includes fixed costs "
              "that do not grow with n (the eigenbasis, the projected curvature of the subset, "
              "the queries' projections); the projections column is the part that does. Goal: "
-             "100 queries ≤ 2× at Pearson ≥ 0.95.", "",
+             "100 queries ≤ 2× at Pearson ≥ 0.95. Rows of a model named `…-timing` are timed "
+             "without the exact reference (`--no-exact`, for n too large for it; Pearson "
+             "blank: see the same model's rows at smaller n).", "",
              "| model | params | n | pass s | exact s | basis | dim | D | Pearson mean | min "
              "| 100 queries s (×) | projections s (×) | from stored s (×) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -273,9 +281,10 @@ def projection_report(rows: list[dict[str, Any]]) -> list[str]:
         for c in r["dims"]:
             lines.append(
                 f"| {r['model']} | {r['num_params']:,} | {r['n']:,} | {c['pass_s']:.2f} | "
-                f"{r['exact_s']:.1f} | {c['basis']} | {c['dim']} | "
+                f"{'—' if r['exact_s'] is None else format(r['exact_s'], '.1f')} | "
+                f"{c['basis']} | {c['dim']} | "
                 f"{c['size']:,} | "
-                f"{c['pearson_mean']:.4f} | {c['pearson_min']:.4f} | {c['influence_s']:.2f} "
+                f"{_num(c['pearson_mean'])} | {_num(c['pearson_min'])} | {c['influence_s']:.2f} "
                 f"({c['influence_ratio']:.2f}×) | {c['train_projection_s']:.2f} "
                 f"({c['train_projection_ratio']:.2f}×) | {c['stored_influence_s']:.2f} "
                 f"({c['stored_influence_ratio']:.2f}×) |")
@@ -294,6 +303,11 @@ def main() -> None:
                     help="measure scores='projected' against exact scores (rows of kind "
                          "'projection'; models e.g. mlp,resnet18-8)")
     ap.add_argument("--projection-n", type=int, default=2_000)
+    ap.add_argument("--projection-cells", default=None,
+                    help="basis:dim,… (default: PROJECTION_CELLS)")
+    ap.add_argument("--no-exact", action="store_true",
+                    help="time the projection rows only (no exact reference, Pearson blank); "
+                         "rows go under the model name + '-timing'")
     ap.add_argument("--replace", action="store_true",
                     help="measure the listed models again, replacing their rows")
     args = ap.parse_args()
@@ -303,11 +317,16 @@ def main() -> None:
 
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     kind = "projection" if args.projection else None
-    for name in args.models.split(","):
+    for model_name in args.models.split(","):
+        name = f"{model_name}-timing" if args.projection and args.no_exact else model_name
         if any(r["model"] == name and r.get("kind") == kind for r in rows) and not args.replace:
             continue
         if args.projection:
-            row = measure_projection(name, args.data_dir, args.projection_n)
+            cells = PROJECTION_CELLS if not args.projection_cells else tuple(
+                (c.split(":")[0], int(c.split(":")[1])) for c in args.projection_cells.split(","))
+            row = measure_projection(model_name, args.data_dir, args.projection_n, cells,
+                                     exact=not args.no_exact)
+            row["model"] = name
         else:
             n = args.n_wide if name.endswith("-64") else args.n
             row = measure(name, args.data_dir, n)

@@ -7,6 +7,7 @@ import torch
 
 import repif
 from repif import datasets, models
+from repif.projection import ProjectedGradients
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -53,3 +54,23 @@ def test_cuda_dataset_input_and_budget(problem):
                                    sampler="random", sample_size=64)
     test = (ds.test[0][:3], ds.test[1][:3])
     assert _rel(est.influence(test), ref.influence(test)) <= 1e-6
+
+
+@pytest.mark.parametrize("basis,dim", [("random", 4), ("eigen", 10**4)])
+def test_cuda_projected_scores_match_cpu(problem, basis, dim, tmp_path):
+    """Projected scores on the GPU: the same as on the CPU (random rows are drawn on the CPU,
+    so the same P; the eigenbasis at full dimension, where the scores do not depend on it),
+    and stored projections written on the GPU scored again."""
+    ds, model = problem
+    kw = dict(damping=0.1, sampler="random", sample_size=32, seed=1, scores="projected",
+              projection_basis=basis, projection_dim=dim)
+    train = (ds.train[0][:200], ds.train[1][:200])
+    cpu = repif.InfluenceEstimator(model, train, device="cpu", **kw)
+    gpu = repif.InfluenceEstimator(model, train, device="cuda", **kw)
+    test = (ds.test[0][:5], ds.test[1][:5])
+    scores = gpu.influence(test)
+    assert _rel(scores, cpu.influence(test)) <= 1e-6
+    stored = gpu.projected_gradients()
+    stored.save(tmp_path / "p.safetensors")
+    loaded = ProjectedGradients.load(tmp_path / "p.safetensors")
+    assert _rel(gpu.influence(test, projected=loaded), scores) <= 1e-10

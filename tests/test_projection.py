@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from repif import InfluenceEstimator, datasets, models
-from repif.errors import CorruptFileError
+from repif.errors import CorruptFileError, TooLargeError
 from repif.gradients.streaming import per_sample_gradients
 from repif.projection import DEFAULT_PROJECTION_DIM, KroneckerProjection, ProjectedGradients
 from repif.task import FunctionalModel
@@ -145,6 +145,10 @@ def test_projected_option_checks(digits_mlp):
             (train[0][:2], train[1][:2]))
     with pytest.raises(ValueError, match="scores='projected'"):
         InfluenceEstimator(model, train).projected_gradients()
+    with pytest.raises(TooLargeError, match="projected curvature"):
+        InfluenceEstimator(model, train, scores="projected", sample_size=64,
+                           projection_basis="random",
+                           max_memory=2**16).influence((train[0][:2], train[1][:2]))
     assert isinstance(InfluenceEstimator(model, train, scores="projected").projection,
                       KroneckerProjection)
 

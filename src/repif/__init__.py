@@ -16,6 +16,7 @@ from repif.errors import (
 from repif.estimator import InfluenceEstimator
 from repif.fitting import FittedCurvature
 from repif.memory import MemoryBudget
+from repif.projection import ProjectedGradients
 from repif.recording import PoolStatistics, StatisticsRecorder
 from repif.scoring import TopK
 from repif.task import ClassificationTask, Task
@@ -31,6 +32,7 @@ __all__ = [
     "InfluenceEstimator",
     "MemoryBudget",
     "PoolStatistics",
+    "ProjectedGradients",
     "RemovalWarning",
     "RepifError",
     "SolverDivergedError",

@@ -100,9 +100,15 @@ class ProjectedScoring:
         projection = self._need_projection()
         if self._projected_curvature is None:
             subset = self._curvature_subset()
+            classes = self.output_dim
+            r, size = len(subset) * classes, projection.size
+            self.budget.require(
+                (r * size + min(r, size) ** 2) * self.cost.itemsize,
+                f"the projected curvature ({r:,} rows of the subset's projected Jacobian × "
+                f"D = {size:,}, and its factor)", "lower projection_dim or sample_size, or "
+                "raise max_memory")
             x, y = self.fitter.subset_batch(subset)
             w = subset.weights.to(self.fm.device, self.fm.dtype)
-            classes = self.output_dim
             row = 2 * self.cost.backward_row() + classes * projection.row_bytes()
             step = self.budget.rows(row)
             parts = [projection.output_rows(take(x, slice(s, s + step)),

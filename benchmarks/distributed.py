@@ -404,7 +404,7 @@ def main() -> None:
         save_results(res)
         return
     if not args.data_dir:
-        ap.error("--data-dir is required (the MNIST IDX files; see README, Data)")
+        ap.error("--data-dir is required (the MNIST IDX files; see docs/guides/data.md)")
     config = job_config(args)
     tag = f"w{args.width}-n{args.pool}-m{args.sample_size}-cg{args.cg_iters}-{args.weights}"
     if res.get("config") != config:  # another configuration: start afresh

@@ -207,7 +207,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_step(json.loads(args.child))), flush=True)
         return
     if not args.data_dir:
-        ap.error("--data-dir is required (the MNIST IDX files; see README, Data)")
+        ap.error("--data-dir is required (the MNIST IDX files; see docs/guides/data.md)")
     widths = [int(w) for w in args.widths.split(",")]
     epochs = [int(e) for e in args.epochs.split(",")]
     epochs = epochs * len(widths) if len(epochs) == 1 else epochs

@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", help="no progress bars or table")
     common.add_argument("--device", default="cpu", help="cpu or cuda")
     common.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help="torch CPU threads (default 1, see README)")
+                        help="torch CPU threads (default 1; see docs/cli.md)")
     demo = sub.add_parser("demo", parents=[common], help="class removal on the digits data")
     demo.add_argument("--seeds", type=int, default=DEMO["seeds"])
     cr = sub.add_parser("class-removal", parents=[common], help="the class-removal study")

@@ -67,7 +67,8 @@ def gram(a: Tensor, out: Tensor | None = None, blocks: int = GRAM_BLOCKS) -> Ten
 
 #: ``shrinkage="auto"``: ρ = SHRINK_SIZE / (SHRINK_SIZE + m). The subset's information grows
 #: with m while the diagonal target's bias does not shrink, so ρ decays like 1/m; at m =
-#: SHRINK_SIZE the two are weighted equally (value chosen on the digits benchmark, see README).
+#: SHRINK_SIZE the two are weighted equally (value chosen on the digits benchmark, see
+#: docs/results/faithfulness.md).
 SHRINK_SIZE = 64
 
 

@@ -64,8 +64,6 @@ class CurvatureKind(ABC):
     """Builds the curvature of one kind on a subset; subclasses set ``name`` to register."""
 
     name: ClassVar[str | None] = None
-    #: Whether the curvature is positive semi-definite (solvers then bound their results).
-    psd: ClassVar[bool] = True
     #: Whether it is a Kronecker-factored curvature (inverted by ``solver="eigen"``).
     kronecker: ClassVar[bool] = False
 
@@ -90,7 +88,6 @@ class GGN(CurvatureKind):
 
 class Hessian(GGN):
     name = "hessian"
-    psd = False
 
 
 class KFAC(CurvatureKind):

@@ -141,6 +141,18 @@ class CurvatureOperator:
         return self.fm.space.size
 
     @property
+    def psd(self) -> bool:
+        """Whether the curvature is positive semi-definite (the GGN; the Hessian need not be):
+        what a solver asks instead of comparing kind names."""
+        return self.kind == "ggn"
+
+    @property
+    def gauss_newton(self) -> bool:
+        """Whether the curvature is the GGN, with the factor A (AᵀA = C − wd·I) that Woodbury
+        solves through (:meth:`ggn_factor`)."""
+        return self.kind == "ggn"
+
+    @property
     def n(self) -> int:
         return batch_len(self.y)
 

@@ -133,7 +133,7 @@ class Solver(ABC):
 
     def fix(self) -> str:
         """What to change when the solve breaks down, true for this curvature."""
-        if getattr(self.operator, "kind", None) == "hessian":
+        if not getattr(self.operator, "psd", True):
             return (f"the Hessian may be indefinite: use curvature='ggn' (always positive "
                     f"semi-definite) or raise the damping (now {self.damping:g})")
         return f"raise the damping (now {self.damping:g})"

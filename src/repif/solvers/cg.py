@@ -80,7 +80,7 @@ class CGSolver(Solver):
         from repif.solvers.woodbury import WoodburySolver
 
         op = self.operator
-        if getattr(op, "kind", None) != "ggn" or not hasattr(op, "ggn_factor") or \
+        if not getattr(op, "gauss_newton", False) or \
                 self.damping + op.weight_decay <= 0:
             return False
         solver = WoodburySolver()
@@ -103,7 +103,7 @@ class CGSolver(Solver):
         return self.operator.matmat(d) + self.damping * d
 
     def _breakdown(self, it: int, rq: float, rq_max: float) -> SolverDivergedError:
-        if rq <= 0 and self.operator.kind == "hessian":
+        if rq <= 0 and not self.operator.psd:
             return SolverDivergedError(
                 f"CG met non-positive curvature dᵀ(C+λI)d/‖d‖² = {rq:.3e} at iteration {it} "
                 f"with damping={self.damping:g}: the Hessian is indefinite; use "

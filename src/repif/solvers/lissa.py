@@ -116,7 +116,7 @@ class LissaSolver(Solver):
         return op.restrict(local.to(op.weights.device), w)
 
     def _diverged(self, j: int, norm: float, g_norm: float) -> SolverDivergedError:
-        if self.operator.kind == "hessian":
+        if not self.operator.psd:
             fix = (f"raise scale (e.g. scale={2 * self.scale:.4g}); if that does not help the "
                    "Hessian is indefinite: use curvature='ggn' (always positive semi-definite) "
                    "or raise the damping")

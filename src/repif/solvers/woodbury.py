@@ -81,7 +81,7 @@ class WoodburySolver(Solver):
     def _prepare(self) -> None:
         op = self.operator
         mu = self.damping + op.weight_decay
-        if op.kind != "ggn":
+        if not getattr(op, "gauss_newton", False):
             raise ValueError("solver 'woodbury' needs curvature='ggn'; use 'direct' or 'cg'")
         if mu <= 0:
             raise ValueError("solver 'woodbury' needs damping + weight_decay > 0; set damping")

@@ -36,15 +36,29 @@ BLEND = "ggn:woodbury+prior=ekfac+prior_mode=blend+prior_weight=0.8"
 CURVES = {
     "lr": [
         f"python benchmarks/lds.py lr --methods {BLEND}@random,{BLEND}@logit-importance "
-        "--sizes 50,100,250,500 --seeds 5 --dampings 0.03",
-        f"python benchmarks/lds.py lr --methods ggn:woodbury@first,{BLEND}@first "
-        "--sizes 50,100,250,500,1000 --seeds 1 --dampings 0.03,0.1",
-        "python benchmarks/lds.py lr --methods ekfac:eigen@first,ekfac:eigen@random,"
-        "ekfac:eigen@logit-importance --sizes 50,100,250,500,1000 --seeds 1 --dampings 0.03",
+        "--sizes 50,100,250,500 --seeds 5 --dampings 0.03   # stopped after m = 250",
+        f"python benchmarks/lds.py lr --methods {BLEND}@random,{BLEND}@logit-importance "
+        "--sizes 500 --seeds 3 --dampings 0.03   # m = 500: 3 seeds (time)",
+        "python benchmarks/lds.py lr --methods ekfac:eigen@first --sizes 50,100,250,500,1000 "
+        "--seeds 1 --dampings 0.03",
+        "python benchmarks/lds.py lr --methods ggn:woodbury@first --sizes 50,100,250,500 "
+        "--seeds 1 --dampings 0.1",
+        f"python benchmarks/lds.py lr --methods {BLEND}@first --sizes 50,100,250,500 --seeds 1 "
+        "--dampings 0.03",
+        "python benchmarks/lds.py lr --methods ggn:woodbury+prior=ekfac+prior_mode=blend+"
+        "prior_weight=0.5@logit-importance --sizes 500 --seeds 3 --dampings 0.03",
         "(the plain ggn:woodbury@random / @logit-importance cells and the whole-pool rows: the "
         "commands of lds-mnist-lr.md)",
     ],
-    "mlp": [],
+    "mlp": [
+        f"python benchmarks/lds.py mlp --methods {BLEND}@logit-importance,{BLEND}@random "
+        "--sizes 250 --seeds 1 --dampings 0.001",
+        f"python benchmarks/lds.py mlp --methods {BLEND}@logit-importance --sizes 500 --seeds 1 "
+        "--dampings 0.001",
+        f"python benchmarks/lds.py mlp --methods {BLEND}@logit-importance --sizes 250 --seeds 1 "
+        "--dampings 0.0001,0.01",
+        "(the other rows: the commands of lds-mnist-mlp.md)",
+    ],
 }
 
 #: Seeds a row needs to count in the sampler comparison (a standard error over fewer is noise).

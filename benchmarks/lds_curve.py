@@ -230,8 +230,13 @@ def main(argv: list[str] | None = None) -> int:
             cells = []
             for pct in (1, 2, 5, 10, 20):
                 e = pts.get(POOL * pct // 100)
-                cells.append("" if e is None else
-                             f"{e['mean']:.3f} ± {e['se']:.3f} ({e['seeds']}; λ {e['damping']:g})")
+                if e is None:
+                    cells.append("")
+                elif e["seeds"] == 1:
+                    cells.append(f"{e['mean']:.3f} (1 seed; λ {e['damping']:g})")
+                else:
+                    cells.append(f"{e['mean']:.3f} ± {e['se']:.3f} ({e['seeds']}; "
+                                 f"λ {e['damping']:g})")
             lines.append(f"| {est} | {sampler} | " + " | ".join(cells) + " |")
     lines += ["", "Whole-pool references:", ""]
     for ref in REFERENCES:

@@ -66,10 +66,13 @@ MIN_SEEDS = 3
 #: The curves drawn: (estimator, sampler); the table lists every measured row.
 PLOTTED = [("ggn:woodbury", "random"), ("ggn:woodbury", "logit-importance"),
            ("ggn:woodbury", "first"), (BLEND, "random"), (BLEND, "logit-importance"),
-           (BLEND, "first"), ("ekfac:eigen", "first")]
+           (BLEND, "first"), ("ekfac:eigen", "first"),
+           (BLEND.replace("0.8", "0.5"), "logit-importance")]
 #: Short names in the plot's legend.
 LABELS = {"ggn:woodbury": "subset GGN (woodbury)",
-          BLEND: "subset GGN + 0.8·EK-FAC(pool) (woodbury prior, blend)"}
+          BLEND: "subset GGN + 0.8·EK-FAC(pool) (woodbury prior, blend)",
+          BLEND.replace("0.8", "0.5"): "subset GGN + 0.5·EK-FAC(pool)",
+          "ekfac:eigen": "EK-FAC on the subset"}
 #: Whole-pool reference lines (method names as the LDS benchmark writes them).
 REFERENCES = ["ggn:direct", "kfac:eigen", "ekfac:eigen", "grad-dot"]
 #: Samplers that use no model statistics (the baselines a smart sampler must beat).

@@ -56,7 +56,9 @@ CURVES = {
         f"python benchmarks/lds.py mlp --methods {BLEND}@logit-importance --sizes 500 --seeds 1 "
         "--dampings 0.001",
         f"python benchmarks/lds.py mlp --methods {BLEND}@logit-importance --sizes 250 --seeds 1 "
-        "--dampings 0.0001,0.01",
+        "--dampings 0.0001,0.01   # stopped after λ = 0.0001",
+        f"python benchmarks/lds.py mlp --methods {BLEND}@logit-importance --sizes 500 --seeds 3 "
+        "--dampings 0.001",
         "(the other rows: the commands of lds-mnist-mlp.md)",
     ],
 }

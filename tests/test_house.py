@@ -29,3 +29,17 @@ def test_imports_follow_the_layers():
     assert exe, "lint-imports not found: pip install -e '.[test]' installs import-linter"
     done = _run(exe)
     assert done.returncode == 0 and "0 broken" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("old,new", [("repif.kfac", "repif.curvature.kfac"),
+                                     ("repif.curvature_kinds", "repif.curvature.kinds"),
+                                     ("repif.layer_gradients", "repif.gradients.hooks")])
+def test_renamed_modules_still_import_and_warn(old, new):
+    """The README's "Renamed modules": the old path gives the moved module, with a warning."""
+    code = (f"import warnings, importlib\nwarnings.simplefilter('error', DeprecationWarning)\n"
+            f"try:\n    importlib.import_module({old!r})\nexcept DeprecationWarning as w:\n"
+            f"    assert {new!r} in str(w), w\nelse:\n    raise SystemExit('no warning')\n"
+            f"warnings.simplefilter('ignore')\nimport {old} as a, {new} as b\nassert a is b")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,15 @@
+"""Deprecated alias of :mod:`repif.curvature.kfac`, where it moved.
+
+Importing it warns once and gives the same module; it will be removed in a later release (see
+the README's "Renamed modules").
+"""
+
+import sys
+import warnings
+
+import repif.curvature.kfac as _moved
+
+warnings.warn(
+    "repif.kfac moved to repif.curvature.kfac; import it from there (this alias will be removed)",
+    DeprecationWarning, stacklevel=2)
+sys.modules[__name__] = _moved

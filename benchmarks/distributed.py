@@ -255,7 +255,7 @@ def partition_reference(est: Any, queries: tuple[Any, Any], parts: int) -> dict[
     between this and the one-process results is float round-off of other batch shapes."""
     import torch
 
-    from repif.gradients import stream_scores
+    from repif.gradients.streaming import stream_scores
 
     xq, yq = queries
 

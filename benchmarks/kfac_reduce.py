@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from repif import datasets, io, kfac, models
+from repif import datasets, io, models
+from repif.curvature import kfac
 from repif.task import ClassificationTask, FunctionalModel
 
 HERE = Path(__file__).parent

@@ -17,6 +17,14 @@ For each model, on the first n MNIST training images, in one process and one run
   it in the same run, with every convolution materialised (the route before convolutions were
   contracted; ``conv_scores="materialise"``), so the two compare under the same load.
 
+With ``--projection`` (rows of kind "projection"): ``scores="projected"`` against exact
+scores, on the first ``--projection-n`` training points and 100 test queries, curvature on a
+random subset of ``PROJECTION_SUBSET`` points (exact: the Woodbury solve of that subset's GGN):
+Pearson correlation with the exact scores per query (mean and min) and time of the 100
+queries (projected curvature, query and training projections, scores), of the stored training
+projections alone and of scoring stored projections, against one forward+backward over the
+same training points; each basis and projected dimension in ``PROJECTION_CELLS``.
+
 Ratios are time / pass time. ``resnet18-64`` uses ``--n-wide`` points (the ratios do not depend
 on n; 10,000 points at 11.2M parameters take hours on 2 CPU cores). Models come from the cache
 of ``train_resnet18.py`` (ResNet-18) or are trained here (MLP, 2 epochs).
@@ -43,6 +51,13 @@ PASS_BATCH = 256
 #: Points the (slow) torch.func engine is timed on; its cost is linear in the points.
 FUNC_POINTS = 64
 QUERY_COUNTS = (1, 10, 100)
+#: (basis, projected dimension per layer side) measured by ``--projection``.
+PROJECTION_CELLS = (("eigen", 8), ("eigen", 16), ("eigen", 32), ("eigen", 64), ("eigen", 128),
+                    ("random", 16), ("random", 64))
+#: Curvature subset of the projection rows (random, exact subset GGN by Woodbury).
+PROJECTION_SUBSET = 32
+#: Queries of the projection rows.
+PROJECTION_QUERIES = 100
 
 
 def build(name: str, data_dir: str) -> torch.nn.Module:
@@ -69,8 +84,8 @@ def timed(fn: Any) -> float:
 def measure(name: str, data_dir: str, n: int) -> dict[str, Any]:
     import repif
     from repif import datasets
-    from repif.gradients import per_sample_gradients, split_batch, stream_gradients
-    from repif.layer_gradients import conv_route
+    from repif.gradients.hooks import conv_route
+    from repif.gradients.streaming import per_sample_gradients, split_batch, stream_gradients
 
     ds = datasets.load("mnist", data_dir=data_dir)
     model = build(name, data_dir).eval()
@@ -121,6 +136,72 @@ def measure(name: str, data_dir: str, n: int) -> dict[str, Any]:
     return row
 
 
+def projection_model(name: str, data_dir: str) -> torch.nn.Module:
+    """The MNIST MLP (2 epochs) or a ResNet-18 of width w ("resnet18-w") trained 1 epoch on
+    the first 5,000 MNIST images (cached): a model whose exact scores fit in memory."""
+    import repif
+    from repif import datasets, models
+
+    if name == "mlp":
+        return build(name, data_dir)
+    ds = datasets.load("mnist", data_dir=data_dir)
+    width = int(name.split("-")[1])
+    model = models.build("resnet18", ds, width=width)
+    return repif.train(model, (ds.train[0][:5000], ds.train[1][:5000]), epochs=1, seed=0,
+                       batch_size=128, lr=1e-3, cache_dir=HERE / "cache")
+
+
+def measure_projection(name: str, data_dir: str, n: int) -> dict[str, Any]:
+    import repif
+    from repif import datasets
+
+    ds = datasets.load("mnist", data_dir=data_dir)
+    model = projection_model(name, data_dir).eval()
+    x, y = ds.train[0][:n], ds.train[1][:n]
+    test = (ds.test[0][:PROJECTION_QUERIES], ds.test[1][:PROJECTION_QUERIES])
+    kw = {"damping": 1e-2, "sample_size": PROJECTION_SUBSET, "sampler": "random",
+          "solver": "woodbury"}
+
+    def one_pass() -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        for s in range(0, n, PASS_BATCH):
+            loss = torch.nn.functional.cross_entropy(model(x[s : s + PASS_BATCH]),
+                                                     y[s : s + PASS_BATCH], reduction="sum")
+            torch.autograd.grad(loss, params)
+
+    one_pass()
+    exact_est = repif.InfluenceEstimator(model, (x, y), **kw)
+    row: dict[str, Any] = {"kind": "projection", "model": name, "n": n,
+                           "queries": PROJECTION_QUERIES, "subset": PROJECTION_SUBSET,
+                           "num_params": exact_est.num_params, "dims": []}
+    t0 = time.perf_counter()
+    exact = exact_est.fit().influence(test)
+    row["exact_s"] = time.perf_counter() - t0
+    row["pass_s"] = timed(one_pass)
+    for basis, d in PROJECTION_CELLS:
+        est = repif.InfluenceEstimator(model, (x, y), scores="projected", projection_dim=d,
+                                       projection_basis=basis, **kw)
+        pass_s = min(timed(one_pass), timed(one_pass))  # side by side: the load drifts
+        t0 = time.perf_counter()
+        got = est.influence(test)
+        total = time.perf_counter() - t0
+        stored_s = timed(lambda est=est: est.projected_gradients())
+        stored = est.projected_gradients()
+        reuse_s = timed(lambda est=est, stored=stored: est.influence(test, projected=stored))
+        pearson = [float(torch.corrcoef(torch.stack([got[i], exact[i]]))[0, 1])
+                   for i in range(got.shape[0])]
+        cell = {"basis": basis, "dim": d, "size": est.projection.size, "pass_s": pass_s,
+                "pearson_mean": sum(pearson) / len(pearson),
+                "pearson_min": min(pearson), "influence_s": total, "train_projection_s": stored_s,
+                "stored_influence_s": reuse_s}
+        for key in ("influence", "train_projection", "stored_influence"):
+            cell[f"{key}_ratio"] = cell[f"{key}_s"] / pass_s
+        print(json.dumps({"model": name, **cell}), flush=True)
+        row["dims"].append(cell)
+    row["pass_after_s"] = timed(one_pass)  # the load can drift during a run: bracket it
+    return row
+
+
 def conv_positions(model: torch.nn.Module, x: torch.Tensor) -> dict[torch.nn.Module, int]:
     """Output positions per point of each nn.Conv2d, from one forward."""
     out: dict[torch.nn.Module, int] = {}
@@ -141,6 +222,8 @@ def report(rows: list[dict[str, Any]]) -> str:
              "| model | params | n | pass s | hooks s (×) | vmap (×, extrapolated) | "
              "influence 1 (×) | influence 10 (×) | influence 100 (×) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    projected = [r for r in rows if r.get("kind") == "projection"]
+    rows = [r for r in rows if r.get("kind") != "projection"]
     for r in rows:
         inf = " | ".join(f"{r[f'influence_{k}_s']:.1f} ({r[f'influence_{k}_ratio']:.2f}×)"
                          for k in QUERY_COUNTS)
@@ -164,7 +247,39 @@ def report(rows: list[dict[str, Any]]) -> str:
                     f"{r['conv_layers']} | {r[f'influence_{k}_materialised_s']:.1f} "
                     f"({r[f'influence_{k}_materialised_ratio']:.2f}×) | "
                     f"{r[f'influence_{k}_s']:.1f} ({r[f'influence_{k}_ratio']:.2f}×) |")
+    if projected:
+        lines += projection_report(projected)
     return "\n".join(lines) + "\n"
+
+
+def projection_report(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "## Projected scores (`scores=\"projected\"`) against exact", "",
+             f"{PROJECTION_QUERIES} test queries against n training points; curvature: the GGN "
+             f"of {PROJECTION_SUBSET} random training points, damping 1e-2 (exact: its Woodbury "
+             "solve; projected: the same subset's GGN in the projected space). Pearson: per "
+             "query, with the exact scores of that query over the n points, mean and min over "
+             "the queries. Times: `influence` of the queries from scratch (projected curvature, "
+             "query and training projections, the scores); the training projections alone (what "
+             "is stored); scoring the queries against stored projections. Ratios are to one "
+             "forward+backward over the n points, best of two measured just before each row "
+             "(the machine is shared; its load drifts). The 100-query time includes fixed costs "
+             "that do not grow with n (the eigenbasis, the projected curvature of the subset, "
+             "the queries' projections); the projections column is the part that does. Goal: "
+             "100 queries ≤ 2× at Pearson ≥ 0.95.", "",
+             "| model | params | n | pass s | exact s | basis | dim | D | Pearson mean | min "
+             "| 100 queries s (×) | projections s (×) | from stored s (×) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        for c in r["dims"]:
+            lines.append(
+                f"| {r['model']} | {r['num_params']:,} | {r['n']:,} | {c['pass_s']:.2f} | "
+                f"{r['exact_s']:.1f} | {c['basis']} | {c['dim']} | "
+                f"{c['size']:,} | "
+                f"{c['pearson_mean']:.4f} | {c['pearson_min']:.4f} | {c['influence_s']:.2f} "
+                f"({c['influence_ratio']:.2f}×) | {c['train_projection_s']:.2f} "
+                f"({c['train_projection_ratio']:.2f}×) | {c['stored_influence_s']:.2f} "
+                f"({c['stored_influence_ratio']:.2f}×) |")
+    return lines
 
 
 def main() -> None:
@@ -175,6 +290,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--n-wide", type=int, default=2_000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--projection", action="store_true",
+                    help="measure scores='projected' against exact scores (rows of kind "
+                         "'projection'; models e.g. mlp,resnet18-8)")
+    ap.add_argument("--projection-n", type=int, default=2_000)
     ap.add_argument("--replace", action="store_true",
                     help="measure the listed models again, replacing their rows")
     args = ap.parse_args()
@@ -183,13 +302,18 @@ def main() -> None:
     from repif import io
 
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    kind = "projection" if args.projection else None
     for name in args.models.split(","):
-        if any(r["model"] == name for r in rows) and not args.replace:
+        if any(r["model"] == name and r.get("kind") == kind for r in rows) and not args.replace:
             continue
-        n = args.n_wide if name.endswith("-64") else args.n
-        row = {**measure(name, args.data_dir, n), "threads": args.threads}
+        if args.projection:
+            row = measure_projection(name, args.data_dir, args.projection_n)
+        else:
+            n = args.n_wide if name.endswith("-64") else args.n
+            row = measure(name, args.data_dir, n)
+        row["threads"] = args.threads
         print(json.dumps(row), flush=True)
-        rows = [r for r in rows if r["model"] != name] + [row]
+        rows = [r for r in rows if not (r["model"] == name and r.get("kind") == kind)] + [row]
         io.write_json_atomic(RESULTS, rows)
         REPORT.write_text(report(rows))
 

@@ -108,10 +108,12 @@ def _num_params(results: dict[str, Any]) -> int:
 
 
 def summarise(profile: str) -> Path:
-    """Rewrite ``<out>.md`` from ``<out>/results.json``: the table with both F1s, the
-    references, the headline against random beside the published figures, update ÷ retrain."""
+    """Rewrite ``<out>.md`` (and ``<out>/report.html`` with its plots) from
+    ``<out>/results.json``: the table with both F1s, the references, the headline against random
+    beside the published figures, update ÷ retrain, and F1 against total time (a plot)."""
     from repif import io
     from repif.experiments.config import StudyConfig
+    from repif.experiments.report import F1_TIME_PNG, write_report
     from repif.experiments.study import Study, StudyError
     from repif.experiments.summary import aggregate, conclusions, headline, references, update_cost
 
@@ -129,6 +131,7 @@ def summarise(profile: str) -> Path:
     refs = references(results)
     head = headline(rows)
     cost = update_cost(rows, refs)
+    write_report(results, rows, refs, head, out)  # the HTML report and its plots, F1 vs time
     cfg = results["config"]
     points = {(c["removed_class"], c["sampler"], c["sample_size"]) for c in results["cells"]}
     # the same cells with the logit/feature pass left out of their time ("pass shared")
@@ -191,6 +194,9 @@ def summarise(profile: str) -> Path:
                   f"| F1 gain at equal m (random below its plateau) | "
                   f"{'—' if math.isnan(best_g) else f'{100 * best_g:+.1f} points'} | "
                   f"+{100 * PUBLISHED['f1_gain']:.1f} points |"]
+    if (out / F1_TIME_PNG).exists():
+        lines += ["", "F1 against the whole time of an update (each point labelled with m):", "",
+                  f"![F1 against time]({out.name}/{F1_TIME_PNG})"]
     path = out.with_suffix(".md")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

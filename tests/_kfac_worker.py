@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 import repif
-from repif import datasets, distributed, kfac, models
+from repif import datasets, distributed, models
+from repif.curvature import kfac
 
 
 def main() -> int:

@@ -195,8 +195,8 @@ def test_the_same_pair_check_serves_the_estimator_and_the_study(linear, data):
     ("--lr", "0", "argument --lr: expected a finite number > 0"),
     ("--train-seed", "-1", "argument --train-seed: expected a seed, a whole number ≥ 0"),
     ("--subset-seed", "-2", "argument --subset-seed: expected a seed, a whole number ≥ 0"),
-    ("--hidden", "0", "argument --hidden: hidden widths must be positive integers"),
-    ("--hidden", "64,-8", "argument --hidden: hidden widths must be positive integers"),
+    ("--hidden", "0", "argument --width/--hidden: hidden widths must be positive integers"),
+    ("--hidden", "64,-8", "argument --width/--hidden: hidden widths must be positive integers"),
 ])
 def test_evaluate_flags_out_of_range_are_usage_errors(tmp_path, capsys, flag, value, words):
     out = tmp_path / "run"
@@ -310,3 +310,18 @@ def test_unwritable_out_is_an_environment_failure_exit_1(tmp_path, capsys, monke
     assert len(lines) == 1, lines
     assert f"output directory {out} is not writable ({os.strerror(code)})" in lines[0]
     assert "pass another --out" in lines[0]
+
+
+@pytest.mark.parametrize("which", ["study", "evaluation"])
+def test_stored_configuration_with_an_unknown_key_is_refused_by_name(which):
+    """A results file's configuration with a key this version does not know (a typo, another
+    version) is an error naming the key, not silently dropped."""
+    from repif.evaluation.runner import EvaluationConfig
+    from repif.experiments.config import StudyConfig
+
+    cls = StudyConfig if which == "study" else EvaluationConfig
+    good = cls.from_dict(cls().to_dict()) if hasattr(cls(), "to_dict") else cls()
+    d = dict(vars(good), dampnig=0.1)
+    with pytest.raises(ValueError, match="dampnig"):
+        cls.from_dict(d)
+    assert cls.from_dict(dict(vars(good))) == good

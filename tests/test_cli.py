@@ -63,7 +63,7 @@ def test_class_removal_writes_results_and_report(first_run):
     assert {c["sampler"] for c in results["cells"]} == {"random", "logit-importance+shrink"}
     assert {r["kind"] for r in results["references"]} == {"full", "retrain"}
     assert (out / "report.html").is_file()
-    assert len(list(out.glob("*.png"))) == 5
+    assert len(list(out.glob("*.png"))) == 6  # five metrics against m, F1 against time
 
 
 def test_python_dash_m_entry_point(tmp_path):
@@ -191,3 +191,11 @@ def test_out_not_writable(earlier, tmp_path, capsys, sub):
         assert sorted(p.name for p in locked.iterdir()) == ["results.json"]
     finally:
         locked.chmod(0o700)
+
+
+def test_command_line_defaults_are_the_configuration_defaults():
+    """`repif class-removal` with no options runs StudyConfig()'s defaults: they live once."""
+    from repif.experiments.config import StudyConfig
+
+    args = cli._parser().parse_args(["class-removal"])
+    assert cli._config(args) == StudyConfig()

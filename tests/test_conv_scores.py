@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from repif import layer_gradients
-from repif.gradients import per_sample_gradients
-from repif.layer_gradients import conv_route, layer_engine
+from repif.gradients import hooks as layer_gradients
+from repif.gradients.hooks import conv_route, layer_engine
+from repif.gradients.streaming import per_sample_gradients
 from repif.task import FunctionalModel
 
 

@@ -269,6 +269,18 @@ def test_method_names():
         "ggn", "woodbury", "logit-importance", "auto")
     assert parse_method("direct").curvature == "ggn" and not parse_method("direct").sampled
     assert parse_method("grad-dot").solver == "identity"
+    m = parse_method("ggn:woodbury+prior=ekfac+prior_weight=0.3+prior_size=500@random")
+    assert (m.solver, m.sampler) == ("woodbury", "random")
+    assert dict(m.solver_options) == {"prior": "ekfac", "prior_weight": 0.3, "prior_size": 500}
+    m = parse_method("ggn:woodbury@logit-importance+proxy=gini-feature+shrink")
+    assert (m.sampler, m.shrinkage, dict(m.sampler_options)) == (
+        "logit-importance", "auto", {"proxy": "gini-feature"})
+    for bad, msg in [("ggn:woodbury+prior@random", "key=value"),
+                     ("ggn:woodbury@logit-importance+proxy=trace", "proxy"),
+                     ("ggn:woodbury+prio=ekfac", "does not take"),
+                     ("ggn:woodbury+prior=diag", "prior must be")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_method(bad)
 
 
 # --------------------------------------------------------------------------- independent checks

@@ -30,11 +30,11 @@ import torch
 import repif.experiments.resources as resources
 import repif.experiments.study as study_module
 from repif import cli, io
+from repif import runs as lock_module
 from repif.errors import CorruptFileError
-from repif.experiments import lock as lock_module
 from repif.experiments.config import StudyConfig
-from repif.experiments.lock import OutputLock, OutputLockedError
 from repif.experiments.study import MEASURED_FIELDS, Study, StudyEnvironmentError
+from repif.runs import OutputLock, OutputLockedError
 
 BASE = dict(dataset="digits", model="mlp", remove=[0], samplers=["random", "logit-importance"],
             sizes=[8], seeds=3, epochs=3, limit_train=300)

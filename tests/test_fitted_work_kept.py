@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import repif
-from repif import kfac
+from repif.curvature import kfac
 from repif.errors import SolverDivergedError
 
 KW = dict(curvature="ekfac", solver="eigen", sampler="random", sample_size=64, seed=0)

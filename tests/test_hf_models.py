@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import repif
-from repif.gradients import per_sample_gradients
+from repif.gradients.streaming import per_sample_gradients
 from repif.task import FunctionalModel
 
 transformers = pytest.importorskip("transformers")
@@ -119,7 +119,7 @@ def test_readme_hugging_face_snippet_runs_as_written():
 def test_gpt2_conv1d_and_position_embeddings_have_closed_form_rules():
     """GPT-2's Conv1D (y = x W + b, W of shape (in, out)) and its position embeddings (one row
     shared by the batch) go through the hook engine, equal to torch.func's gradients."""
-    from repif.layer_gradients import layer_engine
+    from repif.gradients.hooks import layer_engine
 
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2,

@@ -56,6 +56,15 @@ def test_corrupt_files_raise_value_error_naming_path(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="bad.safetensors"):
         io.load_tensors(bad)
+    for data in (b"\x01\x02", b"\xff" * 8 + b"{}", b""):  # short, header past the end, empty
+        bad.write_bytes(data)
+        with pytest.raises(ValueError, match="bad.safetensors"):
+            io.load_tensors(bad)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(bad))  # a valid file written by another program
+    with pytest.raises(ValueError, match="without repif metadata"):
+        io.load_tensors(bad)
     badj = tmp_path / "bad.json"
     badj.write_text("{truncated")
     with pytest.raises(ValueError, match="bad.json"):

@@ -1,4 +1,4 @@
-"""K-FAC and EK-FAC (repif.kfac, solver "eigen", the preconditioner of cg and lissa).
+"""K-FAC and EK-FAC (repif.curvature.kfac, solver "eigen", the preconditioner of cg and lissa).
 
 Every test runs in float64 with fixed seeds on models small enough for dense references:
 
@@ -24,8 +24,8 @@ from _kronecker_reference import hand_factors
 from torch import nn
 
 import repif
-from repif import kfac
-from repif.curvature import CurvatureOperator
+from repif.curvature import kfac
+from repif.curvature.operator import CurvatureOperator
 from repif.errors import CorruptFileError, TooLargeError
 from repif.io import load_tensors, save_tensors_atomic
 from repif.samplers import Pool

@@ -15,8 +15,8 @@ from _kronecker_reference import hand_factors
 from torch import nn
 
 import repif
-from repif import kfac
-from repif.curvature import CurvatureOperator
+from repif.curvature import kfac
+from repif.curvature.operator import CurvatureOperator
 from repif.memory import MIN_BYTES, MemoryBudget
 from repif.task import ClassificationTask, FunctionalModel
 

@@ -9,8 +9,8 @@ from torch import nn
 
 import repif
 from repif import datasets, models
-from repif.gradients import per_sample_gradients
-from repif.layer_gradients import layer_engine
+from repif.gradients.hooks import layer_engine
+from repif.gradients.streaming import per_sample_gradients
 from repif.task import FunctionalModel
 
 
@@ -168,12 +168,55 @@ def test_engine_on_strided_dilated_grouped_convolutions():
     assert _rel(engine.scores(factors, x, y), factors @ ref.T) <= 1e-10
 
 
+class _OneConv(nn.Module):
+    def __init__(self, conv: nn.Conv2d, x: torch.Tensor) -> None:
+        super().__init__()
+        self.conv = conv
+        with torch.no_grad():
+            self.head = nn.Linear(conv(x[:1]).numel(), 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("route", ["unfold", "slices", "auto"])
+@pytest.mark.parametrize("conv", [
+    dict(in_channels=3, out_channels=5, kernel_size=3, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, bias=False),
+    dict(in_channels=4, out_channels=6, kernel_size=(3, 2), dilation=(2, 1), padding=(2, 0),
+         groups=2),
+    dict(in_channels=3, out_channels=4, kernel_size=1, stride=2),
+    dict(in_channels=2, out_channels=2, kernel_size=3, stride=(1, 2), padding=(0, 1)),
+])
+def test_conv_weight_routes_match_torch_func(monkeypatch, route, conv):
+    """Per-sample convolution gradients by unfolded patches and by shifted slices (and the
+    per-layer rule choosing between them) against torch.func's vmap(grad)."""
+    from repif.gradients import hooks as layer_gradients
+
+    monkeypatch.setattr(layer_gradients, "conv_gradient_mode", route)
+    torch.manual_seed(0)
+    x = torch.randn(5, conv["in_channels"], 9, 10, dtype=torch.float64)
+    model = _OneConv(nn.Conv2d(**conv).double(), x).double().eval()
+    y = torch.randint(0, 3, (5,))
+    fm = FunctionalModel(model)
+    engine = layer_engine(fm, x[:2], y[:2])
+    assert engine is not None
+    assert _rel(engine.gradients(x, y), per_sample_gradients(fm, x, y)) <= 1e-10
+
+
+def test_conv_route_rule():
+    from repif.gradients.hooks import SLICES_MIN_POSITIONS, conv_gradient_route
+
+    three, one = nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1)
+    assert conv_gradient_route(three, SLICES_MIN_POSITIONS) == "slices"
+    assert conv_gradient_route(three, SLICES_MIN_POSITIONS - 1) == "unfold"
+    assert conv_gradient_route(one, 1) == "slices"
+
+
 def test_in_place_activations_keep_the_hook_engine():
     """ReLU(inplace=True) after a conv or BatchNorm (VGG, ResNet) overwrote the captured output,
     so the self-check failed and the model fell back to torch.func; the next layer now gets a
     copy and the engine's gradients equal torch.func's."""
-    from repif.gradients import per_sample_gradients
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(4),
                           nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(144, 3)).double().eval()

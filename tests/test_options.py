@@ -33,12 +33,19 @@ SOLVER_VALUES: dict[str, dict[str, tuple[object, str]]] = {
               "power_iters": (4, "power_iters"), "seed": (7, "seed"),
               "block_size": (3, "block_size"), "preconditioner": ("kfac", "preconditioner.kind"),
               "monitor": (_monitor, "monitor")},
-    "woodbury": {"max_rows": (99_999, "max_rows")},
+    "woodbury": {"max_rows": (99_999, "max_rows"), "prior": ("kfac", "prior.kind"),
+                 "prior_mode": ("blend", "prior_mode"), "prior_weight": (0.3, "prior_weight"),
+                 "prior_size": (50, "prior_size")},
 }
+
+#: Options that configure another one and are refused without it (the prior's mode, weight and
+#: size need a prior): what each is given with.
+COMPANIONS: dict[tuple[str, str], dict[str, object]] = {
+    ("woodbury", o): {"prior": "kfac"} for o in ("prior_mode", "prior_weight", "prior_size")}
 
 #: One valid, non-default value per sampler option (kept under the option's own name).
 SAMPLER_VALUES: dict[str, dict[str, object]] = {
-    "random": {}, "stratified": {},
+    "random": {}, "stratified": {}, "first": {},
     "feature-kmeans": {"n_clusters": 5, "pick": "nearest"},
     "feature-herding": {"n_features": 7},
     "logit-stratified": {"statistic": "entropy", "n_bins": 3},
@@ -75,7 +82,8 @@ def test_each_solver_option_arrives(problem, solver, option, route):
     value, attribute = SOLVER_VALUES[solver][option]
     if route == "loose" and option == "batch_size":
         pytest.skip("a loose batch_size is the estimator's; covered by the ambiguity test")
-    kw = {"solver_options": {option: value}} if route == "dict" else {option: value}
+    given = {option: value, **COMPANIONS.get((solver, option), {})}
+    kw = {"solver_options": given} if route == "dict" else given
     est = _estimator(problem, solver, **kw)
     if option == "seed" and route == "loose":  # the estimator's seed, handed to the solver
         assert est.seed == value

@@ -226,8 +226,8 @@ def test_solver_names_registered():
 
 
 def test_gram_matches_plain_product_and_accumulates():
-    """repif.curvature.gram multiplies only blocks on/above the diagonal; against AᵀA."""
-    from repif.curvature import gram
+    """repif.curvature.operator.gram multiplies only blocks on/above the diagonal; against AᵀA."""
+    from repif.curvature.operator import gram
 
     a = torch.randn(700, 600, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     whole = gram(a)

@@ -333,7 +333,10 @@ def test_cli_writes_report_and_plots(baseline, tmp_path, count_cells, capsys):
     assert page.lstrip().lower().startswith("<!doctype html>")
     assert "</html>" in page
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 5  # F1, literature F1, inverse-HVP error, time, memory
+    # F1, literature F1, inverse-HVP error, time, memory against m; F1 against time
+    assert {p.name for p in pngs} == {"f1_vs_size.png", "f1_literature_vs_size.png",
+                                      "ihvp_error_vs_size.png", "time_vs_size.png",
+                                      "memory_vs_size.png", "f1_vs_time.png"}
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert png.stat().st_size > 1000

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import repif
-from repif.kfac import kronecker_layers
+from repif.curvature.kfac import kronecker_layers
 from repif.task import FunctionalModel
 
 torchvision = pytest.importorskip("torchvision")

@@ -67,43 +67,45 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="class removal on the digits data")
     demo.add_argument("--seeds", type=int, default=DEMO["seeds"])
     cr = sub.add_parser("class-removal", parents=[common], help="the class-removal study")
-    cr.add_argument("--dataset", default="digits")
-    cr.add_argument("--data-dir", default=None)
-    cr.add_argument("--model", default="mlp")
-    cr.add_argument("--width", type=int, default=None,
+    d = StudyConfig()  # the defaults live once, on the configuration
+    cr.add_argument("--dataset", default=d.dataset)
+    cr.add_argument("--data-dir", default=d.data_dir)
+    cr.add_argument("--model", default=d.model)
+    cr.add_argument("--width", type=int, default=d.width,
                     help="model size: ResNet-18's base width (default 64), or the hidden width "
                     "of mlp/cnn/resnet (their defaults 64/32/16)")
-    cr.add_argument("--remove", type=_ints, default=[0], help="classes, e.g. 0,3")
-    cr.add_argument("--samplers", type=_names, default=["random", "logit-importance"],
+    cr.add_argument("--remove", type=_ints, default=d.remove, help="classes, e.g. 0,3")
+    cr.add_argument("--samplers", type=_names, default=d.samplers,
                     help="sampler names; append +shrink for the diagonal shrinkage fill, +candN "
                          "to pick from N·m uniform candidates (two-phase), e.g. "
                          "logit-importance+cand8")
-    cr.add_argument("--sizes", type=_ints, default=[16, 64, 256])
-    cr.add_argument("--seeds", type=int, default=3, help="number of seeds (0…N−1)")
-    cr.add_argument("--solver", default="cg")
-    cr.add_argument("--curvature", default="ggn")
-    cr.add_argument("--damping", type=float, default=0.01)
-    cr.add_argument("--scale", type=_scale, default="auto",
+    cr.add_argument("--sizes", type=_ints, default=d.sizes)
+    cr.add_argument("--seeds", type=int, default=d.seeds, help="number of seeds (0…N−1)")
+    cr.add_argument("--solver", default=d.solver)
+    cr.add_argument("--curvature", default=d.curvature)
+    cr.add_argument("--damping", type=float, default=d.damping)
+    cr.add_argument("--scale", type=_scale, default=d.scale,
                     help="step scale η, or 'auto' to pick it on a validation split")
-    cr.add_argument("--steps", type=int, default=1)
-    cr.add_argument("--epochs", type=int, default=30)
-    cr.add_argument("--lr", type=float, default=None)
-    cr.add_argument("--weight-decay", type=float, default=1e-3)
-    cr.add_argument("--limit-train", type=int, default=None)
-    cr.add_argument("--limit-test", type=int, default=None)
-    cr.add_argument("--dtype", default="float64", choices=("float32", "float64"))
-    cr.add_argument("--batch-size", type=int, default=64, help="training batch size")
-    cr.add_argument("--max-memory", type=_memory, default=None,
+    cr.add_argument("--steps", type=int, default=d.steps)
+    cr.add_argument("--epochs", type=int, default=d.epochs)
+    cr.add_argument("--lr", type=float, default=d.lr)
+    cr.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    cr.add_argument("--limit-train", type=int, default=d.limit_train)
+    cr.add_argument("--limit-test", type=int, default=d.limit_test)
+    cr.add_argument("--dtype", default=d.dtype, choices=("float32", "float64"))
+    cr.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    cr.add_argument("--max-memory", type=_memory, default=d.max_memory,
                     help="memory per streamed chunk, e.g. 2GiB (default: a quarter of the free "
                          "RAM, at most 1 GiB, or of the GPU memory); changes speed and peak "
                          "memory, not results")
-    cr.add_argument("--fisher", default=None, choices=("exact", "sampled"),
+    cr.add_argument("--fisher", default=d.fisher, choices=("exact", "sampled"),
                     help="kfac/ekfac: the output Hessian exactly (C backward passes per point, "
                          "default) or one sampled label per point")
-    cr.add_argument("--other-layers", default=None, choices=("error", "identity", "frozen"),
+    cr.add_argument("--other-layers", default=d.other_layers,
+                    choices=("error", "identity", "frozen"),
                     help="kfac/ekfac: parameters outside Linear/Conv2d layers (e.g. BatchNorm): "
                          "an error (default), identity curvature, or left unchanged")
-    cr.add_argument("--weight-sharing", default=None, choices=("expand", "reduce"),
+    cr.add_argument("--weight-sharing", default=d.weight_sharing, choices=("expand", "reduce"),
                     help="kfac/ekfac: a convolution's positions enter the factors as separate "
                          "examples (expand, default) or summed first (reduce: K-FAC-reduce, "
                          "far cheaper on large feature maps)")

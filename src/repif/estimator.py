@@ -33,17 +33,28 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from repif import curvature_kinds, distributed
+from repif import distributed
 from repif import options as _options
 from repif import samplers as _samplers
 from repif import solvers as _solvers
-from repif.curvature import resolve_shrinkage
-from repif.data import DataSource
+from repif.curvature import kinds as curvature_kinds
+from repif.curvature.operator import resolve_shrinkage
+from repif.data import DataSource, take
 from repif.fitting import CurvatureFitter, FitOptions, FittedCurvature
-from repif.gradients import CostModel, split_batch, stream_gradients, stream_scores
-from repif.layer_gradients import LayerGradientEngine, layer_engine, unsupported_layers
+from repif.gradients.hooks import LayerGradientEngine, layer_engine, unsupported_layers
+from repif.gradients.streaming import CostModel, split_batch, stream_gradients, stream_scores
 from repif.memory import MemoryBudget
 from repif.progress import bar as progress_bar
+from repif.projection import (
+    DEFAULT_PROJECTION_DIM,
+    PROJECTION_BASES,
+    SCORE_METHODS,
+    KroneckerProjection,
+    ProjectedCurvature,
+    ProjectedGradients,
+    check_dim,
+    eigen_bases,
+)
 from repif.recording import ATTRIBUTE as RECORDED
 from repif.recording import PoolStatistics, module_digest
 from repif.samplers import Pool, Subset
@@ -105,7 +116,7 @@ class InfluenceEstimator:
     preconditioner. ``kronecker_options`` configure either fit: ``fisher`` ("exact" or
     "sampled"), ``other_layers`` ("error", "identity", "frozen"), ``weight_sharing`` ("expand"
     or "reduce": K-FAC-reduce, far cheaper on convolutions) and ``cache_dir`` (see
-    :mod:`repif.curvature_kinds`). ``pool_statistics`` (from another estimator's
+    :mod:`repif.curvature.kinds`). ``pool_statistics`` (from another estimator's
     :meth:`pool_statistics`, same model and data, or a :class:`~repif.recording.PoolStatistics`
     recorded during training) spares the logit/feature samplers their pass; statistics that
     ``repif.train(..., record_statistics=True)`` left on the model are used by default when
@@ -114,6 +125,16 @@ class InfluenceEstimator:
     c·``sample_size`` candidates drawn uniformly from the pool, so its pass reads those only
     (two-phase sampling: the weighted subset still estimates the pool's curvature without
     bias); None reads the whole pool.
+
+    ``scores="projected"`` makes :meth:`influence` score from Kronecker-structured random
+    projections of each layer's gradient (:mod:`repif.projection`), ``projection_dim`` per
+    layer side (default :data:`~repif.projection.DEFAULT_PROJECTION_DIM`) onto the top
+    eigenvectors of the subset's K-FAC factors (``projection_basis="eigen"``) or random
+    orthonormal rows (``"random"``), with the subset's
+    GGN taken in the projected space (:meth:`projected_curvature`; the ``solver`` still serves
+    :meth:`inverse_hvp`, :meth:`self_influence` and :meth:`remove`): the training side costs
+    about one forward+backward whatever the number of queries, and its projected gradients can
+    be stored once (:meth:`projected_gradients`) and passed back for later queries.
     """
 
     def __init__(
@@ -143,9 +164,19 @@ class InfluenceEstimator:
         pool_statistics: PoolStatistics | tuple[Tensor, Tensor, Tensor] | None = None,
         candidates: float | None = None,
         solver_options: dict[str, Any] | None = None,
+        scores: str = "exact",
+        projection_dim: int | None = None,
+        projection_basis: str = "eigen",
         **options: Any,
     ) -> None:
         kind = curvature_kinds.get(curvature)  # unknown names list the known ones
+        check_choice(scores, SCORE_METHODS, "scores")
+        if projection_dim is not None and scores != "projected":
+            raise ValueError("projection_dim sets the dimension of scores='projected'; pass "
+                             "scores='projected' with it, or drop it")
+        check_choice(projection_basis, PROJECTION_BASES, "projection_basis")
+        if projection_dim is not None:
+            check_dim(projection_dim)
         solver_options = _options.solver_options(solver, solver_options, options, batch_size)
         check_finite_number(damping, "damping")
         if not damping >= 0:
@@ -207,6 +238,19 @@ class InfluenceEstimator:
         self.fm.check_task(inputs, targets)  # one loss per point, finite: else one error
         self.source.validate = self._validate_batch
         self.cost = CostModel(self.fm, inputs, self._engine(per_sample))
+        self.scores = scores
+        self._projection: KroneckerProjection | None = None
+        self._projected_curvature: ProjectedCurvature | None = None
+        if scores == "projected":
+            if self.cost.engine is None:
+                raise ValueError(
+                    "scores='projected' works from each layer's inputs and output gradients: it "
+                    "needs the hook engine (every trainable parameter in an nn.Linear, Conv2d, "
+                    "BatchNorm (eval), LayerNorm or Embedding called once per forward, and "
+                    "per_sample='auto' or 'hooks'); use scores='exact'"
+                )
+            self._projection_spec = (DEFAULT_PROJECTION_DIM if projection_dim is None
+                                     else projection_dim, projection_basis)
         options = FitOptions(curvature, float(damping), solver, dict(solver_options),
                              self.sampler, sample_size, seed, shrinkage, kronecker_options,
                              _options.check_candidates(candidates))
@@ -454,19 +498,131 @@ class InfluenceEstimator:
         source = self._test_source(test)
         return self._gradients(source, torch.arange(len(source)), measure)
 
-    def influence(self, test: Any, train_indices: Tensor | None = None) -> Tensor:
+    @property
+    def projection(self) -> KroneckerProjection | None:
+        """The projection of ``scores="projected"`` (None with exact scores); with
+        ``projection_basis="eigen"`` built from the K-FAC factors of the curvature subset on
+        first use."""
+        if self.scores != "projected":
+            return None
+        if self._projection is None:
+            dim, basis = self._projection_spec
+            bases = None
+            if basis == "eigen":
+                subset = self._curvature_subset()
+                x, y = self.fitter.subset_batch(subset)
+                bases = eigen_bases(self.fm, x, y, subset.weights.to(self.fm.device,
+                                                                     self.fm.dtype),
+                                    self.budget)
+            assert self.cost.engine is not None
+            self._projection = KroneckerProjection(self.cost.engine, dim, self.seed, bases)
+        return self._projection
+
+    def _curvature_subset(self) -> Subset:
+        """The fit's subset, drawn without preparing the solver when the estimator is not
+        fitted (same sampler, size and seed: the same subset)."""
+        return self._fitted.subset if self._fitted is not None else self.fitter.select()
+
+    def projected_gradients(self, indices: Tensor | None = None) -> ProjectedGradients:
+        """(k, D) projected loss gradients of training points ``indices`` (default all), with
+        the metadata they depend on: computed once (one forward+backward per chunk, no
+        per-sample gradient formed), :meth:`~repif.projection.ProjectedGradients.save`d, and
+        passed back as ``influence(test, projected=...)`` for later queries."""
+        projection = self._need_projection()
+        idx = self._indices(indices)
+        out = torch.empty(idx.numel(), projection.size, dtype=self.fm.dtype)
+        for offset, part in self._projected_chunks(idx, 0):
+            out[offset : offset + part.shape[0]] = part.cpu()
+        return ProjectedGradients(out, idx.clone(), projection.describe())
+
+    def _need_projection(self) -> KroneckerProjection:
+        projection = self.projection
+        if projection is None:
+            raise ValueError("projected gradients need scores='projected' on the estimator")
+        return projection
+
+    def _projected_chunks(self, idx: Tensor, k: int) -> Any:
+        """(offset, (b, D) projected gradients) for consecutive chunks of ``idx``, sized by the
+        budget beside ``k`` scores per row."""
+        projection = self._need_projection()
+        row = 2 * self.cost.backward_row() + projection.row_bytes() + k * self.cost.itemsize
+        for offset, batch in self.source.batches(idx, self.budget.rows(row)):
+            inputs, targets = split_batch(self.fm, batch)
+            yield offset, projection.batch(inputs, targets)
+
+    def projected_curvature(self) -> ProjectedCurvature:
+        """The curvature of ``scores="projected"``: the GGN of the fit's subset (with its
+        weights, the damping and the weight decay) in the projected space; built once. The
+        subset is the fit's, drawn without preparing the solver when the estimator is not
+        fitted (same sampler, size and seed: the same subset)."""
+        projection = self._need_projection()
+        if self._projected_curvature is None:
+            subset = self._curvature_subset()
+            x, y = self.fitter.subset_batch(subset)
+            w = subset.weights.to(self.fm.device, self.fm.dtype)
+            classes = self.output_dim
+            row = 2 * self.cost.backward_row() + classes * projection.row_bytes()
+            step = self.budget.rows(row)
+            parts = [projection.output_rows(take(x, slice(s, s + step)),
+                                            take(y, slice(s, s + step)), w[s : s + step])
+                     for s in range(0, len(subset), step)]
+            self._projected_curvature = ProjectedCurvature(
+                torch.cat(parts), self.damping, self.weight_decay)
+        return self._projected_curvature
+
+    def _projected_influence(self, source: DataSource, idx: Tensor,
+                             projected: ProjectedGradients | None) -> Tensor:
+        """Scores of ``scores="projected"`` (see :mod:`repif.projection`)."""
+        projection = self._need_projection()
+        if distributed.is_distributed():
+            raise ValueError("scores='projected' runs in one process; score without torchrun "
+                             "or use scores='exact'")
+        if projected is not None:
+            projected.check(projection)
+        curvature = self.projected_curvature()
+        n_test = len(source)
+        queries = torch.empty(n_test, projection.size, dtype=self.fm.dtype, device=self.fm.device)
+        row = 2 * self.cost.backward_row() + projection.row_bytes()
+        for offset, batch in source.batches(torch.arange(n_test), self.budget.rows(row)):
+            inputs, targets = split_batch(self.fm, batch)
+            part = projection.batch(inputs, targets, "query")
+            queries[offset : offset + part.shape[0]] = part
+        factors = curvature.solve(queries)
+        scores = torch.empty(n_test, idx.numel(), dtype=self.fm.dtype)
+        bar = self._bar(idx.numel(), "influence")
+        if projected is None:
+            chunks = self._projected_chunks(idx, n_test)
+        else:
+            rows = _rows_of(projected.indices, idx)
+            step = self.budget.rows((projection.size + n_test) * self.cost.itemsize)
+            chunks = ((s, projected.values[rows[s : s + step]].to(self.fm.device, self.fm.dtype))
+                      for s in range(0, idx.numel(), step))
+        for offset, part in chunks:
+            scores[:, offset : offset + part.shape[0]] = -(factors @ part.T).cpu()
+            bar.update(part.shape[0])
+        bar.close()
+        return scores
+
+    def influence(self, test: Any, train_indices: Tensor | None = None,
+                  projected: ProjectedGradients | None = None) -> Tensor:
         """(n_test, n_train) scores I(z_j, z_t) = −∇q(z_t)ᵀ(C + λI)⁻¹∇l(z_j) (see module doc;
         q is the task's query, the loss by default).
 
         The test side (C + λI)⁻¹∇q (the "influence factors") is computed once per block of test
         points that fits in half the budget; training gradients then stream past it in chunks,
-        so peak memory does not grow with the number of training points.
+        so peak memory does not grow with the number of training points. With
+        ``scores="projected"``, ``projected`` (from :meth:`projected_gradients`, holding every
+        point of ``train_indices``) replaces the training pass.
         """
         source = self._test_source(test)
         idx = self._indices(train_indices)
+        if projected is not None:
+            self._need_projection()
         n_test, item = len(source), self.cost.itemsize
         if n_test == 0:  # no test points: (0, n_train) scores, no fit or solve needed
             return torch.empty(0, idx.numel(), dtype=self.fm.dtype)
+        if self.scores == "projected":
+            return self._projected_influence(source, idx, projected)
         factor_row = (1 + SOLVER_ROW_COPIES) * self.num_params * item
         test_rows = min(n_test, max(1, (self.budget.bytes // 2) // factor_row))
         sharded = distributed.is_distributed()
@@ -592,3 +748,16 @@ class InfluenceEstimator:
         self.last_removal: dict[str, float] = {}
         return newton_removal(self.fitter, self._fitted, indices, scale=scale, steps=steps,
                               gradient=gradient, validation=source, report=self.last_removal)
+
+
+def _rows_of(stored: Tensor, wanted: Tensor) -> Tensor:
+    """Positions in ``stored`` (training indices) of each of ``wanted``; a missing one is an
+    error naming it."""
+    where = torch.full((int(max(stored.max(), wanted.max())) + 1,), -1, dtype=torch.long)
+    where[stored.long()] = torch.arange(stored.numel())
+    rows = where[wanted.long()]
+    missing = wanted[rows < 0]
+    if missing.numel():
+        raise ValueError(f"the projected gradients hold no row for training point(s) "
+                         f"{missing[:10].tolist()}; project those points too")
+    return rows

@@ -3,11 +3,13 @@
 :class:`CurvatureFitter` binds the fitting options (curvature kind, damping, sampler, sample
 size, seed, shrinkage, solver) to a model, its training data and a memory budget.
 :class:`FittedCurvature` is what a fit produces — the subset, the prepared solver and timings —
-and is all that the estimator and the removal update need (docs/design.md, "Parts").
+and is all that the estimator and the removal update need (docs/design.md,
+"Parts").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,12 +19,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from repif import curvature_kinds, distributed
+from repif import distributed
 from repif import samplers as _samplers
 from repif import solvers as _solvers
-from repif.curvature import CurvatureOperator, resolve_shrinkage
+from repif.curvature import kinds as curvature_kinds
+from repif.curvature.operator import CurvatureOperator, resolve_shrinkage
 from repif.data import DataSource, to_device
-from repif.gradients import CostModel, split_batch
+from repif.gradients.streaming import CostModel, split_batch
 from repif.memory import MemoryBudget
 from repif.progress import bar as progress_bar
 from repif.recording import PoolStatistics
@@ -61,7 +64,7 @@ class FitOptions:
     seed: int
     shrinkage: float | str
     #: Options of the Kronecker-factored fits (curvature "kfac"/"ekfac", or the preconditioner
-    #: of cg/lissa): fisher, other_layers, cache_dir (repif.curvature_kinds.KFAC).
+    #: of cg/lissa): fisher, other_layers, cache_dir (repif.curvature.kinds.KFAC).
     kronecker_options: dict[str, Any] = field(default_factory=dict)
     #: Two-phase sampling: a sampler that reads logits or features picks its m points from
     #: ``candidates``·m drawn uniformly from the pool, so the statistics pass reads those only
@@ -72,6 +75,8 @@ class FitOptions:
 #: Seed stream of the uniform candidate draw, apart from the sampler's own stream (same seed ⇒
 #: same candidates ⇒ same subset, bit for bit).
 CANDIDATE_STREAM = 0x5EED
+#: Seed stream of the uniform draw a Kronecker prior is fitted on (``prior_size``).
+PRIOR_STREAM = 0x9A10
 
 
 def candidate_pool(pool: Tensor, m: int, factor: float, seed: int) -> Tensor:
@@ -210,7 +215,7 @@ class CurvatureFitter:
             subset = Subset(distributed.broadcast(subset.indices),
                             distributed.broadcast(subset.weights))
         sample_s = time.perf_counter() - t0
-        fitted = self.prepare(subset)
+        fitted = self.prepare(subset, pool=pool)
         return FittedCurvature(subset, fitted.solver, {"sample_s": sample_s, **fitted.timings})
 
     def select(self, pool: Tensor | None = None, seed: int | None = None) -> Subset:
@@ -231,6 +236,16 @@ class CurvatureFitter:
             p = self.pool(candidate_pool(p.indices, o.sample_size, o.candidates, seed))
         return o.sampler.select(p, o.sample_size, seed)
 
+    def prior_subset(self, pool: Tensor | None, size: int | None) -> Subset:
+        """The points a Kronecker prior is fitted on, with equal weights: all of ``pool``
+        (default every training point), or ``size`` of them drawn uniformly without
+        replacement (in training order) with the fit's seed on a stream of its own."""
+        p = self.pool(pool).indices
+        if size is not None and size < p.numel():
+            rng = np.random.default_rng((PRIOR_STREAM, int(self.options.seed)))
+            p = p[torch.from_numpy(np.sort(rng.choice(p.numel(), size=size, replace=False)))]
+        return Subset(p.clone(), torch.full((p.numel(),), 1.0 / p.numel(), dtype=torch.float64))
+
     def subset_batch(self, subset: Subset, fm: FunctionalModel | None = None) -> tuple[Any, Any]:
         """The subset's model inputs and targets, gathered whole (m points) on ``fm``'s
         device."""
@@ -238,22 +253,33 @@ class CurvatureFitter:
         batch = to_device(self.source.gather(subset.indices), fm.device, fm.dtype)
         return self.task.split(batch)
 
+    def request(self, subset: Subset, fm: FunctionalModel | None = None
+                ) -> curvature_kinds.CurvatureRequest:
+        """What a curvature kind needs to build on ``subset`` (gathered whole: m points) at
+        ``fm``'s parameters: handed to the kind, which never calls back into the fitter."""
+        fm = fm or self.fm
+        x, y = self.subset_batch(subset, fm)
+        o = self.options
+        sampled = o.sample_size is not None
+        return curvature_kinds.CurvatureRequest(
+            fm=fm, subset=subset, x=x, y=y, budget=self.budget, seed=o.seed,
+            progress=self.progress,
+            shrinkage=resolve_shrinkage(o.shrinkage, len(subset)) if sampled else 0.0,
+            sampler=getattr(o.sampler, "name", None) if sampled else None,
+            sampler_options=dict(vars(o.sampler)) if sampled else {},
+        )
+
     def operator(self, subset: Subset, fm: FunctionalModel | None = None) -> CurvatureOperator:
         """The exact curvature ("ggn"/"hessian") on ``subset`` (gathered whole: m points) at
         ``fm``'s parameters."""
-        fm = fm or self.fm
-        x, y = self.subset_batch(subset, fm)
-        sampled = self.options.sample_size is not None
-        shrink = resolve_shrinkage(self.options.shrinkage, len(subset)) if sampled else 0.0
-        return CurvatureOperator(
-            fm, x, y, subset.weights, kind=self.options.curvature, shrinkage=shrink,
-            budget=self.budget,
-        )
+        kind = self.options.curvature if self.options.curvature in ("ggn", "hessian") else "ggn"
+        return curvature_kinds.build(kind).build(self.request(subset, fm))
 
-    def curvature(self, subset: Subset, fm: FunctionalModel | None = None) -> Any:
+    def curvature(self, subset: Subset, fm: FunctionalModel | None = None,
+                  request: curvature_kinds.CurvatureRequest | None = None) -> Any:
         """The curvature of the fit's kind on ``subset`` at ``fm``'s parameters: an exact
         :class:`CurvatureOperator` ("ggn", "hessian") or a fitted
-        :class:`~repif.kfac.KroneckerCurvature` ("kfac", "ekfac")."""
+        :class:`~repif.curvature.kfac.KroneckerCurvature` ("kfac", "ekfac")."""
         o = self.options
         own = fm is None or fm is self.fm
         if own and self.kept is not None:
@@ -263,25 +289,40 @@ class CurvatureFitter:
                 return curvature
         kind = curvature_kinds.get(o.curvature)
         options = o.kronecker_options if kind.kronecker else {}
-        curvature = curvature_kinds.build(o.curvature, options).build(self, subset, fm or self.fm)
+        curvature = curvature_kinds.build(o.curvature, options).build(
+            request or self.request(subset, fm))
         if own:
             self.kept = (subset, o.curvature, curvature)
         return curvature
 
-    def prepare(self, subset: Subset, fm: FunctionalModel | None = None) -> FittedCurvature:
+    def prepare(self, subset: Subset, fm: FunctionalModel | None = None,
+                pool: Tensor | None = None) -> FittedCurvature:
         """A solver fitted on ``subset`` at ``fm``'s parameters (default: the trained ones).
         A preconditioner named by the solver's options ("kfac"/"ekfac") is fitted on the same
-        subset, with the same weights."""
+        subset, with the same weights; a Kronecker prior (woodbury's ``prior``) on ``pool``
+        (training indices; default all), or on ``prior_size`` of its points drawn uniformly
+        (:meth:`prior_subset`)."""
         t0 = time.perf_counter()
         o = self.options
         options = dict(o.solver_options)
         if "seed" in _solvers.accepted_options(o.solver):
             options.setdefault("seed", o.seed)  # LiSSA batches, Lanczos start vector
         timings = {}
+        request = self.request(subset, fm)  # the subset gathered once for both fits
         if isinstance(options.get("preconditioner"), str):
             kind = curvature_kinds.build(options["preconditioner"], o.kronecker_options)
-            options["preconditioner"] = kind.build(self, subset, fm or self.fm)
+            options["preconditioner"] = kind.build(request)
             timings["preconditioner_fit_s"] = time.perf_counter() - t0
-        solver = _solvers.build(o.solver, options).fit(self.curvature(subset, fm), o.damping)
+        if isinstance(options.get("prior"), str):
+            t1 = time.perf_counter()
+            kind = curvature_kinds.build(options["prior"], o.kronecker_options)
+            prior_points = self.prior_subset(pool, options.get("prior_size"))
+            prior_request = dataclasses.replace(
+                self.request(prior_points, fm), shrinkage=0.0, sampler=None, sampler_options={},
+                prior=True)
+            options["prior"] = kind.build(prior_request)
+            timings["prior_fit_s"] = time.perf_counter() - t1
+        curvature = self.curvature(subset, fm, request)
+        solver = _solvers.build(o.solver, options).fit(curvature, o.damping)
         return FittedCurvature(subset, solver,
                                {"solver_fit_s": time.perf_counter() - t0, **timings})

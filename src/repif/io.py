@@ -203,13 +203,15 @@ def load_tensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     not match their stored checksum, raises :class:`~repif.errors.CorruptFileError` (a
     ValueError).
     """
-    from safetensors.torch import load
+    from safetensors import safe_open
 
     path = Path(path)
-    data = path.read_bytes()
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
     try:
-        tensors = load(data)
-        meta_raw = _safetensors_metadata(data)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta_raw = f.metadata()
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise CorruptFileError(f"{path}: not a readable safetensors file ({e})") from e
     if meta_raw is None or METADATA_KEY not in meta_raw:
@@ -237,17 +239,6 @@ def tensors_sha256(tensors: dict[str, Tensor]) -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str] | None:
-    """The ``__metadata__`` table of a safetensors byte string (header: u64 length + JSON)."""
-    if len(data) < 8:
-        raise ValueError("file shorter than the 8-byte header length")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise ValueError("header length exceeds file size")
-    header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    return header.get("__metadata__")
 
 
 def environment_metadata() -> dict[str, str]:

@@ -1,6 +1,7 @@
 """The estimator's options, checked once when it is built: which component takes which option,
 the two-phase factor, the Kronecker fit's options against their curvature and solver, the task
-and its weight decay, and the text every process must agree on (docs/design.md, "Parts").
+and its weight decay, and the text every process must agree on (docs/design.md,
+"Parts").
 """
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from repif import curvature_kinds
 from repif import solvers as _solvers
+from repif.curvature import kinds as curvature_kinds
 from repif.task import ClassificationTask, Task
 from repif.validation import check_finite_number
 
@@ -78,10 +79,12 @@ def check_kronecker(curvature: str, kind: type[curvature_kinds.CurvatureKind], s
     pre = solver_options.get("preconditioner")
     _solvers.check_curvature(curvature, solver)
     if options:
-        if not (kind.kronecker or isinstance(pre, str)):
+        if not (kind.kronecker or isinstance(pre, str)
+                or isinstance(solver_options.get("prior"), str)):
             raise ValueError(
                 "kronecker_options configure a Kronecker-factored fit: pass them with "
-                "curvature='kfac'/'ekfac' or with a solver preconditioner ('ekfac')"
+                "curvature='kfac'/'ekfac', with a solver preconditioner ('ekfac') or with "
+                "woodbury's prior ('ekfac')"
             )
         curvature_kinds.build("kfac", options)  # unknown options or values fail here
     return options

@@ -28,7 +28,7 @@ from repif import distributed
 from repif.data import DataSource
 from repif.errors import RemovalWarning
 from repif.fitting import CurvatureFitter, FittedCurvature
-from repif.gradients import split_batch, sum_gradient
+from repif.gradients.streaming import split_batch, sum_gradient
 from repif.metrics import removal_scores
 from repif.validation import check_finite_number, check_indices, check_vector
 

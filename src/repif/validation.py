@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any
@@ -92,6 +93,20 @@ def check_indices(indices: Tensor, n: int, what: str = "indices") -> Tensor:
         bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
         raise ValueError(f"{what} contain {bad}, outside the {n} training points [0, {n})")
     return idx
+
+def dataclass_from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
+    """``cls(**d)`` for a dataclass ``cls``, refusing keys it does not have by name (a stored
+    configuration with an unknown key was written by another version or edited by hand:
+    guessing what it meant would run a different configuration under the same name)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{what} has unknown key(s) {unknown}; known keys: {sorted(known)}. "
+                         "Remove them, or run with the repif version that wrote it")
+    return cls(**d)
+
 
 def check_choice(value: object, choices: tuple[str, ...], what: str) -> None:
     """Raise ValueError unless ``value`` is one of ``choices``, naming them."""

@@ -75,8 +75,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                     help="take the first --limit-train/--limit-test points (dattri's MNIST "
                     "setting) instead of a stratified random subset")
     ev.add_argument("--model", default="mlp", help="linear, mlp, cnn, resnet, resnet18")
-    ev.add_argument("--hidden", type=_hidden, default=None,
-                    help="hidden width(s), e.g. 128,64 for a two-hidden-layer MLP")
+    ev.add_argument("--width", "--hidden", dest="hidden", type=_hidden, default=None,
+                    help="model width as in class-removal; for an MLP its hidden width(s), e.g. "
+                         "128,64 for two hidden layers (--hidden is the same option)")
     ev.add_argument("--epochs", type=int, default=30)
     ev.add_argument("--lr", type=_positive, default=None)
     ev.add_argument("--batch-size", type=int, default=64)

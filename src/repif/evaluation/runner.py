@@ -17,8 +17,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from repif import curvature_kinds, io
+from repif import io, runs
 from repif import samplers as _samplers
 from repif import solvers as _solvers
+from repif.curvature import kinds as curvature_kinds
 from repif.estimator import InfluenceEstimator
 from repif.evaluation import scores
 from repif.evaluation.ground_truth import Job, ModelStore, Recipe, lds_subsets, targets
 from repif.experiments.config import SHRINK_SUFFIX, split_sampler
-from repif.experiments.lock import OutputLock, OutputLockedError
 from repif.experiments.resources import measure
 from repif.experiments.study import (
     StudyEnvironmentError,
@@ -43,7 +42,9 @@ from repif.experiments.study import (
     check_output_dir,
     out_of_range,
 )
+from repif.runs import OutputLock
 from repif.task import ClassificationTask, Task
+from repif.validation import dataclass_from_dict
 
 log = logging.getLogger("repif.evaluation")
 
@@ -67,10 +68,14 @@ class EvaluationError(StudyError, ValueError):
 
 @dataclass(frozen=True)
 class Method:
-    """An attribution method: ``[curvature:]solver[@sampler[+shrink]]`` or a baseline name.
+    """An attribution method: ``[curvature:]solver[+key=value…][@sampler[+shrink]]`` or a
+    baseline name.
 
     Without ``@sampler`` the curvature uses the whole training set; with it, a subset of each
-    of the run's sample sizes drawn by that sampler (one cell per seed).
+    of the run's sample sizes drawn by that sampler (one cell per seed). ``+key=value`` after
+    the solver passes a solver option (numbers read as numbers), e.g.
+    ``ggn:woodbury+prior=ekfac@logit-importance``; after the sampler it passes a sampler
+    option, e.g. ``@logit-importance+proxy=gini-feature``.
     """
 
     spec: str
@@ -78,6 +83,8 @@ class Method:
     solver: str
     sampler: str | None = None
     shrinkage: float | str = 0.0
+    solver_options: tuple[tuple[str, Any], ...] = ()
+    sampler_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def sampled(self) -> bool:
@@ -96,6 +103,8 @@ def parse_method(spec: str) -> Method:
     body, at, sampler = s.partition("@")
     curvature, colon, solver = body.rpartition(":")
     curvature = curvature if colon else "ggn"
+    solver, *option_parts = solver.split("+")
+    options = _key_values(spec, option_parts, "solver")
     if curvature not in curvature_kinds.names():
         raise ValueError(f"method {spec!r}: unknown curvature {curvature!r}; known: "
                          f"{', '.join(curvature_kinds.names())} (write e.g. ggn:direct or "
@@ -108,14 +117,51 @@ def parse_method(spec: str) -> Method:
     except ValueError as err:
         raise ValueError(f"method {spec!r}: {err} (methods are written curvature:solver, "
                          "e.g. ekfac:eigen or ggn:cg)") from None
+    if options:
+        try:
+            _solvers.build(solver, dict(options))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"method {spec!r}: {err}") from None
+    opts = tuple(options)
     if not at:
-        return Method(s, curvature, solver)
+        return Method(s, curvature, solver, solver_options=opts)
+    sampler_parts = sampler.split("+")
+    keyed = [p for p in sampler_parts[1:] if "=" in p]
+    sampler = "+".join(p for p in sampler_parts if "=" not in p)
     name, shrinkage = split_sampler(sampler)
     if name not in _samplers.names():
         raise ValueError(f"method {spec!r}: unknown sampler {name!r}; known: "
                          f"{', '.join(_samplers.names())} (append {SHRINK_SUFFIX} for the "
                          "shrinkage fill)")
-    return Method(s, curvature, solver, name, shrinkage)
+    sampler_options = _key_values(spec, keyed, "sampler")
+    if sampler_options:
+        try:
+            _samplers.build(name, dict(sampler_options))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"method {spec!r}: {err}") from None
+    return Method(s, curvature, solver, name, shrinkage, opts, tuple(sampler_options))
+
+
+def _key_values(spec: str, parts: list[str], what: str) -> list[tuple[str, Any]]:
+    """``key=value`` parts of a method spec as (key, value) pairs."""
+    out = []
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"method {spec!r}: {what} option {part!r} is not key=value (write "
+                             "e.g. ggn:woodbury+prior=ekfac@logit-importance+proxy=gini-feature)")
+        out.append((key, _option_value(value)))
+    return out
+
+
+def _option_value(text: str) -> Any:
+    """A solver option's value from a method spec: an int, a float, or the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 @dataclass
@@ -229,8 +275,9 @@ class EvaluationConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvaluationConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The configuration stored in a results file; an unknown key is a ValueError naming
+        it."""
+        return dataclass_from_dict(cls, d, "the evaluation configuration")
 
     def parsed_methods(self) -> list[Method]:
         return [parse_method(m) for m in self.methods]
@@ -374,9 +421,13 @@ class Evaluation:
 
     def __init__(self, config: EvaluationConfig, out: str | Path, *,
                  data: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
-                 recipe: Recipe | None = None, progress: bool = True) -> None:
+                 recipe: Recipe | None = None, progress: bool = True,
+                 max_memory: int | None = None) -> None:
         config.validate()
         self.config, self.out, self.progress = config, Path(out), progress
+        #: The estimators' memory budget in bytes (None: their default); it changes how work
+        #: is chunked and what is refused, not a cell's numbers, so it is not in the config.
+        self.max_memory = max_memory
         self.device = check_device(config.device)
         check_output_dir(self.out)
         self.dtype = getattr(torch, config.dtype)
@@ -560,7 +611,12 @@ class Evaluation:
                 self.model, train, curvature=method.curvature, damping=damping,
                 solver=method.solver, sampler=method.sampler or "random",
                 sample_size=size or None, seed=seed, shrinkage=method.shrinkage,
-                task=self._task(), device=self.device).fit()
+                task=self._task(), device=self.device, max_memory=self.max_memory,
+                solver_options=dict(method.solver_options),
+                # a Woodbury prior is the same fit for every cell: cached beside the run
+                kronecker_options=({"cache_dir": str(self.out / "factors")}
+                                   if dict(method.solver_options).get("prior") else None),
+                sampler_options=dict(method.sampler_options)).fit()
             fit_s = sum(est.timings.values())
             influence = est.influence(test)
         tau = scores.orient(influence.numpy(), c.target)
@@ -584,26 +640,11 @@ class Evaluation:
         return row
 
     # ------------------------------------------------------------------ output directory
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold the output directory's lock (re-entrant); clears temporaries left by killed
         writes, which only the lock holder may do."""
-        if self._lock.held:
-            yield
-            return
-        try:
-            self._lock.acquire()
-        except OutputLockedError as err:
-            raise StudyEnvironmentError(str(err)) from None
-        try:
-            removed = [*io.remove_temporaries(self.out),
-                       *io.remove_temporaries(self.out / "ground-truth", recursive=True)]
-            if removed:
-                log.warning("removed %d temporary file(s) that interrupted writes left in %s",
-                            len(removed), self.out)
-            yield
-        finally:
-            self._lock.release()
+        return runs.locked_run(self._lock, self.out, [
+            (self.out, False), (self.out / "ground-truth", True)], StudyEnvironmentError)
 
     def _previous(self, h: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         path = self.out / "results.json"
@@ -625,21 +666,7 @@ class Evaluation:
         return stored, stale
 
     def _back_up(self, stale: dict[str, Any]) -> None:
-        h = stale["config_hash"]
-        path = self.out / f"results.{h}.json"
-        merged = stale
-        if path.exists():
-            try:
-                merged = merge_results(read_results(path), stale)
-            except EvaluationError as err:
-                log.warning("keeping the unreadable backup %s as it is (%s)", path, err)
-                n = 1
-                while (self.out / f"results.{h}.{n}.json").exists():
-                    n += 1
-                path = self.out / f"results.{h}.{n}.json"
-        io.write_json_atomic(path, merged)
-        log.warning("configuration changed: the earlier results (%d cells) are kept in %s",
-                    len(merged["cells"]), path)
+        runs.back_up(self.out, stale, read_results, merge_results, EvaluationError)
 
     def run(self) -> dict[str, Any]:
         """Train (or load) the ground truth, then score every cell not yet done; returns the

@@ -6,13 +6,15 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from repif import curvature_kinds, kfac, samplers, solvers
+from repif import samplers, solvers
+from repif.curvature import kfac
+from repif.curvature import kinds as curvature_kinds
 from repif.memory import MemoryBudget
 from repif.unlearning import SCALE_GRID as _SCALE_GRID
-from repif.validation import check_choice
+from repif.validation import check_choice, dataclass_from_dict
 
 #: Suffix on a sampler name that turns on the diagonal shrinkage fill (``shrinkage="auto"``).
 SHRINK_SUFFIX = "+shrink"
@@ -35,8 +37,8 @@ class StudyConfig:
     model: str = "mlp"
     width: int | None = None  # model size (see repif.models.build); None: the model's default
     remove: list[int] = field(default_factory=lambda: [0])
-    samplers: list[str] = field(default_factory=lambda: ["random"])
-    sizes: list[int] = field(default_factory=lambda: [64])
+    samplers: list[str] = field(default_factory=lambda: ["random", "logit-importance"])
+    sizes: list[int] = field(default_factory=lambda: [16, 64, 256])
     seeds: int = 3
     solver: str = "cg"
     curvature: str = "ggn"
@@ -54,7 +56,7 @@ class StudyConfig:
     validation_fraction: float = 0.1
     dtype: str = "float64"
     device: str = "cpu"
-    #: Options of a Kronecker-factored curvature ("kfac"/"ekfac"; repif.curvature_kinds.KFAC):
+    #: Options of a Kronecker-factored curvature ("kfac"/"ekfac"; repif.curvature.kinds.KFAC):
     #: None keeps the library's default ("exact" output Hessian; other layers an error).
     fisher: str | None = None
     other_layers: str | None = None
@@ -141,8 +143,9 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The configuration stored in a results file; an unknown key is a ValueError naming
+        it."""
+        return dataclass_from_dict(cls, d, "the study configuration")
 
     def cell_hash(self) -> str:
         """Hash of the fields that change a cell's numbers; cells are reused only if it matches."""

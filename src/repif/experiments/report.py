@@ -49,17 +49,49 @@ def plot(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]], out: Pat
         ax.set_xscale("log", base=2)
         if key == "ihvp_rel_error":
             ax.set_yscale("log")
-        ax.set_xlabel("curvature sample size m")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        png = io_.BytesIO()
-        fig.savefig(png, format="png", dpi=110)
-        plt.close(fig)
-        io.write_bytes_atomic(out / fname, png.getvalue)  # atomic, like every other output
+        _finish(fig, ax, "curvature sample size m", label, out / fname)
         names.append(fname)
+    if all(not _missing(r.get("time_s")) and not _missing(r.get("f1")) for r in rows):
+        names.append(_plot_f1_against_time(rows, refs, samplers, out))
     return names
+
+
+F1_TIME_PNG = "f1_vs_time.png"
+
+
+def _plot_f1_against_time(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]],
+                          samplers: list[str], out: Path) -> str:
+    """F1 against the whole time of an update (every cost charged), a line per sampler through
+    its sample sizes (each point labelled with m): the cheaper route to a given F1 lies left."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in samplers:
+        rs = sorted((r for r in rows if r["sampler"] == s), key=lambda r: r["sample_size"])
+        line = ax.errorbar([r["time_s"] for r in rs], [r["f1"] for r in rs],
+                           yerr=[r["f1_std"] for r in rs], marker="o", capsize=3, label=s,
+                           linestyle="--" if s == "random" else "-")
+        for r in rs:
+            ax.annotate(f"{r['sample_size']}", (r["time_s"], r["f1"]), fontsize=6,
+                        textcoords="offset points", xytext=(3, 3), color=line[0].get_color())
+    if "retrain" in refs:
+        ax.axhline(refs["retrain"]["f1"], color="black", linestyle="-.", label="retrain reference")
+    ax.set_xscale("log")
+    _finish(fig, ax, "time of one update, every cost charged (s)", "F1 (forget vs consistency)",
+            out / F1_TIME_PNG)
+    return F1_TIME_PNG
+
+
+def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> None:
+    """Label, grid and legend ``ax``, then write ``fig`` to ``path`` as a PNG (atomically, like
+    every other output) and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    png = io_.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    io.write_bytes_atomic(path, png.getvalue)
 
 
 def _missing(v: Any) -> bool:

@@ -24,7 +24,6 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +31,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from repif import datasets, io, models, samplers
+from repif import datasets, io, models, runs, samplers
 from repif.datasets.base import stratified_subset
 from repif.estimator import InfluenceEstimator
 from repif.experiments.config import StudyConfig, parse_sampler
-from repif.experiments.lock import OutputLock, OutputLockedError
 from repif.experiments.resources import measure
 from repif.metrics import cosine, predict, relative_error, removal_scores
+from repif.runs import OutputLock
 from repif.training import load_or_train, train
 from repif.unlearning import choose_scale, remaining_indices, removal_gradient
 
@@ -513,46 +512,16 @@ class Study:
             out[cls] = (removed, rest)
         return out
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold the output directory's lock (re-entrant); clears temporary files that writes
         killed midway left behind, which only the lock holder may do."""
-        if self._lock.held:
-            yield
-            return
-        try:
-            self._lock.acquire()
-        except OutputLockedError as err:
-            raise StudyEnvironmentError(str(err)) from None
-        try:
-            removed = [*io.remove_temporaries(self.out), *io.remove_temporaries(
-                self.out / "cache"), *io.remove_temporaries(self.out / "vectors", recursive=True)]
-            if removed:
-                log.warning("removed %d temporary file(s) that interrupted writes left in %s: %s",
-                            len(removed), self.out, ", ".join(p.name for p in removed))
-            yield
-        finally:
-            self._lock.release()
+        return runs.locked_run(self._lock, self.out, [
+            (self.out, False), (self.out / "cache", False), (self.out / "vectors", True)],
+            StudyEnvironmentError)
 
     def _back_up(self, stale: dict[str, Any]) -> Path:
-        """Merge results of another configuration into ``results.<their hash>.json`` (a backup
-        only grows; an unreadable one is kept and the rows go to the next free name)."""
-        h = stale["config_hash"]
-        path = self.out / f"results.{h}.json"
-        merged = stale
-        if path.exists():
-            try:
-                merged = merge_results(read_results(path), stale)
-            except StudyError as err:
-                log.warning("keeping the unreadable backup %s as it is (%s)", path, err)
-                n = 1
-                while (self.out / f"results.{h}.{n}.json").exists():
-                    n += 1
-                path = self.out / f"results.{h}.{n}.json"
-        io.write_json_atomic(path, merged)
-        log.warning("configuration changed: the earlier results (%d cells) are kept in %s",
-                    len(merged["cells"]), path)
-        return path
+        """Merge results of another configuration into ``results.<their hash>.json``."""
+        return runs.back_up(self.out, stale, read_results, merge_results, StudyError)
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every cell of the grid; results.json keeps every finished cell of

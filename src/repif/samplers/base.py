@@ -98,6 +98,8 @@ class Sampler(ABC):
     #: Whether ``select`` reads the pool's logits or features (one forward pass over the pool);
     #: False for samplers that need at most the labels.
     uses_statistics: ClassVar[bool] = True
+    #: Whether the subset ignores the seed (``first``: the same points for every seed).
+    deterministic: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -29,3 +29,18 @@ class StratifiedSampler(Sampler):
 
     def _select(self, pool: Pool, m: int, rng: np.random.Generator):
         return stratified_draw(pool.labels.cpu().numpy(), m, rng)
+
+
+class FirstSampler(Sampler):
+    """The first m pool points in pool (training) order, equal weights: the convention of
+    libraries that fit their curvature on the first examples of the dataset (kronfluence fits
+    its factors on the first ones in order). Deterministic: every seed gives the same subset.
+    A baseline to compare against, not a recommendation: a dataset stored by class gives it one
+    class."""
+
+    name = "first"
+    uses_statistics = False
+    deterministic = True
+
+    def _select(self, pool: Pool, m: int, rng: np.random.Generator):
+        return np.arange(m), np.ones(m)

@@ -28,7 +28,7 @@ def check_curvature(curvature: str, solver: str,
     """ValueError unless ``solver`` can invert ``curvature`` (both registered names), naming
     what to pass instead; ``spell(name, value)`` writes an option as the caller's user types it
     (default ``curvature='ggn'``; the command line's ``--curvature ggn``)."""
-    from repif import curvature_kinds
+    from repif.curvature import kinds as curvature_kinds
 
     kronecker = curvature_kinds.get(curvature).kronecker
     takes = REGISTRY.get(solver).curvatures

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from repif.curvature import CurvatureOperator
+from repif.curvature.operator import CurvatureOperator
 from repif.errors import SolverDivergedError
 from repif.registry import Registry
 

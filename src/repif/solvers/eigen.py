@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from repif.curvature.kfac import KroneckerCurvature
 from repif.errors import SolverDivergedError
-from repif.kfac import KroneckerCurvature
 from repif.solvers.base import Solver, singular_threshold
 
 

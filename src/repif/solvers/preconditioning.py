@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from repif.kfac import KINDS, KroneckerCurvature, fit_kronecker
+from repif.curvature.kfac import KINDS, KroneckerCurvature, fit_kronecker
 
 PRECONDITIONERS = (None, *KINDS)
 
@@ -19,7 +19,7 @@ def check_preconditioner(value: Any) -> Any:
     ):
         return value
     raise ValueError(f"preconditioner must be one of {', '.join(map(repr, PRECONDITIONERS))} "
-                     f"or a fitted repif.kfac.KroneckerCurvature, got {value!r}")
+                     f"or a fitted repif.curvature.kfac.KroneckerCurvature, got {value!r}")
 
 
 def resolve_preconditioner(value: Any, operator: Any, damping: float

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from repif.curvature import CurvatureOperator
+from repif.curvature.operator import CurvatureOperator
 
 
 def _start_vector(op: CurvatureOperator, seed: int) -> Tensor:

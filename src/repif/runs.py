@@ -1,4 +1,8 @@
-"""One study at a time per output directory: a lock file holding the owner's PID and host.
+"""The run machinery both studies share (class removal, evaluation): one run at a time per
+output directory, temporaries of killed writes cleared by the lock holder, and results of an
+earlier configuration backed up by their hash rather than lost (docs/design.md, "Protocol").
+
+One study at a time per output directory: a lock file holding the owner's PID and host.
 
 The lock is ``DIR/.repif.lock``. Where the OS offers ``flock`` (Linux, macOS) the kernel holds
 the lock and drops it when its process dies, however it dies; the file's content (PID, host,
@@ -17,8 +21,11 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from repif import io
 
 try:
     import fcntl
@@ -178,3 +185,51 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def locked_run(lock: OutputLock, out: Path, temporaries: list[tuple[Path, bool]],
+               busy: type[Exception]) -> Iterator[None]:
+    """Hold ``lock`` (re-entrant) over ``out``; on taking it, remove the temporary files that
+    killed writes left in each ``(folder, recursive)`` of ``temporaries`` (only the holder may).
+    Another live owner is raised as ``busy`` (the study's environment error)."""
+    if lock.held:
+        yield
+        return
+    try:
+        lock.acquire()
+    except OutputLockedError as err:
+        raise busy(str(err)) from None
+    try:
+        removed = [p for folder, recursive in temporaries
+                   for p in io.remove_temporaries(folder, recursive=recursive)]
+        if removed:
+            log.warning("removed %d temporary file(s) that interrupted writes left in %s: %s",
+                        len(removed), out, ", ".join(p.name for p in removed))
+        yield
+    finally:
+        lock.release()
+
+
+def back_up(out: Path, stale: dict[str, Any], read: Callable[[Path], dict[str, Any]],
+            merge: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]],
+            unreadable: type[Exception]) -> Path:
+    """Merge results of another configuration into ``out/results.<their hash>.json`` (a backup
+    only grows); a backup that ``read`` cannot read (raising ``unreadable``) is kept as it is and
+    the rows go to the next free name. Returns the backup's path."""
+    h = stale["config_hash"]
+    path = out / f"results.{h}.json"
+    merged = stale
+    if path.exists():
+        try:
+            merged = merge(read(path), stale)
+        except unreadable as err:
+            log.warning("keeping the unreadable backup %s as it is (%s)", path, err)
+            n = 1
+            while (out / f"results.{h}.{n}.json").exists():
+                n += 1
+            path = out / f"results.{h}.{n}.json"
+    io.write_json_atomic(path, merged)
+    log.warning("configuration changed: the earlier results (%d cells) are kept in %s",
+                len(merged["cells"]), path)
+    return path

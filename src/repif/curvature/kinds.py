@@ -1,11 +1,11 @@
 """Curvature kinds, registered by name: what a fit builds on the curvature subset.
 
 * ``"ggn"`` and ``"hessian"``: the exact subset curvature as a
-  :class:`~repif.curvature.CurvatureOperator` (products through the model; any solver but
-  ``eigen``).
-* ``"kfac"`` and ``"ekfac"``: a :class:`~repif.kfac.KroneckerCurvature` fitted on the subset
-  with the sampler's weights, inverted in its eigenbasis by ``solver="eigen"``; the same fit is
-  the preconditioner of ``cg`` and ``lissa`` (``preconditioner="ekfac"``). Options:
+  :class:`~repif.curvature.operator.CurvatureOperator` (products through the model; any solver
+  but ``eigen``).
+* ``"kfac"`` and ``"ekfac"``: a :class:`~repif.curvature.kfac.KroneckerCurvature` fitted on the
+  subset with the sampler's weights, inverted in its eigenbasis by ``solver="eigen"``; the same
+  fit is the preconditioner of ``cg`` and ``lissa`` (``preconditioner="ekfac"``). Options:
   ``fisher`` ("exact": the GGN's output Hessian through C backward passes per point; "sampled":
   one backward at a label drawn from the model's predictive), ``other_layers`` ("error",
   "identity", "frozen"), ``weight_sharing`` ("expand", or "reduce": K-FAC-reduce, outer products
@@ -13,22 +13,49 @@
   when their metadata match). See docs/design.md, "Kronecker factors".
 
 A kind is a small class with a ``name`` (registering it), its options as keyword arguments
-(unknown ones are refused by name) and ``build(fitter, subset, fm)``.
+(unknown ones are refused by name) and ``build(request)``: the fitter hands over a
+:class:`CurvatureRequest` (the subset, its batch, the budget, the seed), so kinds never reach back
+into the fitter (docs/design.md, "Parts").
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from repif import kfac
+from repif.curvature import kfac
+from repif.curvature.operator import CurvatureOperator
+from repif.memory import MemoryBudget
 from repif.registry import Registry
 from repif.validation import check_choice
 
 if TYPE_CHECKING:
-    from repif.fitting import CurvatureFitter
     from repif.samplers import Subset
     from repif.task import FunctionalModel
+
+
+@dataclass(frozen=True)
+class CurvatureRequest:
+    """What a kind needs to build its curvature on a subset: the subset (m indices and their
+    weights, summing to one), its inputs ``x`` and targets ``y`` gathered on ``fm``'s device,
+    the model at the parameters to expand around, the memory budget, the fit's seed, whether to
+    show progress, the shrinkage fill for exact subset curvatures (0: none), and the sampler
+    that drew the subset (its name and scalar options; None for the whole pool), which a cache
+    records; ``prior`` marks a Woodbury prior's fit on uniform points of the pool."""
+
+    fm: FunctionalModel
+    subset: Subset
+    x: Any
+    y: Any
+    budget: MemoryBudget
+    seed: int
+    progress: bool | None = False
+    shrinkage: float = 0.0
+    sampler: str | None = None
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    #: A Woodbury prior's fit on points of the pool with equal weights (not the subset).
+    prior: bool = False
 
 REGISTRY: Registry[type[CurvatureKind]] = Registry("curvature")
 
@@ -48,15 +75,17 @@ class CurvatureKind(ABC):
             REGISTRY.add(cls.name, cls)
 
     @abstractmethod
-    def build(self, fitter: CurvatureFitter, subset: Subset, fm: FunctionalModel) -> Any:
-        """The curvature on ``subset`` at ``fm``'s parameters."""
+    def build(self, request: CurvatureRequest) -> Any:
+        """The curvature on ``request.subset`` at ``request.fm``'s parameters."""
 
 
 class GGN(CurvatureKind):
     name = "ggn"
 
-    def build(self, fitter: CurvatureFitter, subset: Subset, fm: FunctionalModel) -> Any:
-        return fitter.operator(subset, fm)
+    def build(self, request: CurvatureRequest) -> CurvatureOperator:
+        r = request
+        return CurvatureOperator(r.fm, r.x, r.y, r.subset.weights, kind=str(self.name),
+                                 shrinkage=r.shrinkage, budget=r.budget)
 
 
 class Hessian(GGN):
@@ -78,33 +107,34 @@ class KFAC(CurvatureKind):
         self.fisher, self.other_layers, self.cache_dir = fisher, other_layers, cache_dir
         self.weight_sharing = weight_sharing
 
-    def build(self, fitter: CurvatureFitter, subset: Subset, fm: FunctionalModel
-              ) -> kfac.KroneckerCurvature:
-        x, y = fitter.subset_batch(subset, fm)
-        seed = fitter.options.seed
+    def build(self, request: CurvatureRequest) -> kfac.KroneckerCurvature:
+        """The factors on the request's subset; a Woodbury prior's fit (``request.prior``) is
+        cached by its points alone, whatever the subset's sampler."""
+        r = request
+        fm, x, y, subset, seed = r.fm, r.x, r.y, r.subset, r.seed
 
         def fit() -> kfac.KroneckerCurvature:
             return kfac.fit_kronecker(fm, x, y, subset.weights, kind=str(self.name),
                                       fisher=self.fisher, other_layers=self.other_layers,
-                                      budget=fitter.budget, seed=seed, progress=fitter.progress,
+                                      budget=r.budget, seed=seed, progress=r.progress,
                                       weight_sharing=self.weight_sharing)
 
         if self.cache_dir is None:
             return fit()
-        sampler = fitter.options.sampler
-        size = fitter.options.sample_size
         meta = {
             "kind": self.name, "fisher": self.fisher, "other_layers": self.other_layers,
             # recorded only when not the default, so factors cached before the option stay valid
             **({"weight_sharing": self.weight_sharing} if self.weight_sharing != "expand" else {}),
             "model": kfac.model_digest(fm), "data": kfac.data_fingerprint(x, y),
             "subset": kfac._digest([subset.indices, subset.weights]),
-            "sampler": getattr(sampler, "name", None) if size is not None else "whole pool",
-            "sampler_options": _plain(vars(sampler)) if size is not None else {},
-            "m": len(subset), "seed": seed, "weight_decay": fm.task.weight_decay,
+            "sampler": "prior" if r.prior else (
+                r.sampler if r.sampler is not None else "whole pool"),
+            "sampler_options": {} if r.prior else _plain(r.sampler_options),
+            "m": len(subset), "seed": None if r.prior and self.fisher == "exact" else seed,
+            "weight_decay": fm.task.weight_decay,
             "dtype": str(fm.dtype), "device": fm.device.type,
         }
-        return kfac.load_or_fit(self.cache_dir, meta, fm, fit, fitter.budget)
+        return kfac.load_or_fit(self.cache_dir, meta, fm, fit, r.budget)
 
 
 class EKFAC(KFAC):

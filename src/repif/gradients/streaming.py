@@ -30,7 +30,7 @@ GRAD_COPIES = 3
 
 
 class PerSampleEngine(Protocol):
-    """Computes per-sample gradients of a batch; :mod:`repif.layer_gradients` provides one."""
+    """Computes per-sample gradients of a batch; :mod:`repif.gradients.hooks` provides one."""
 
     def gradients(self, inputs: Any, targets: Any, measure: str = "loss") -> Tensor: ...
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repif.data import batch_len
-from repif.gradients import per_sample_gradients
+from repif.gradients.streaming import per_sample_gradients
 from repif.task import FunctionalModel
 from repif.validation import check_choice
 
@@ -310,6 +310,58 @@ def _conv_scores(
     return out
 
 
+#: Routes for a convolution's per-sample weight gradient (see :func:`conv_gradient_route`).
+CONV_GRADIENT_ROUTES = ("auto", "unfold", "slices")
+
+#: The route every convolution takes: "auto" (per layer, by the measured rule), or one for all
+#: (set by tests and benchmarks that compare the two).
+conv_gradient_mode = "auto"
+
+#: Fewest output positions per point from which the shifted-slice route is taken for kernels
+#: larger than 1×1 (benchmarks/conv_gradients.py; results/conv-gradients.md). On one CPU
+#: thread, ResNet-18 width 16 at 28×28: slices 1.5–2.9× faster at 784 positions, 0.9–1.6× at
+#: 196, 0.5–0.75× at 49 and 0.15–0.6× at 16, where kh·kw small products cost more than one
+#: unfolded one. A 1×1 kernel is one product either way and always takes the slice.
+SLICES_MIN_POSITIONS = 256
+
+
+def conv_gradient_route(m: nn.Conv2d, positions: int) -> str:
+    """"slices" or "unfold" for the per-sample weight gradient of ``m`` with ``positions``
+    output positions per point (``conv_gradient_mode`` overrides the rule)."""
+    if conv_gradient_mode != "auto":
+        return conv_gradient_mode
+    if m.kernel_size == (1, 1) or positions >= SLICES_MIN_POSITIONS:
+        return "slices"
+    return "unfold"
+
+
+def _conv_weight_by_slices(m: nn.Conv2d, a: Tensor, g4: Tensor) -> Tensor:
+    """(b, G, out/G, in/G·kh·kw) per-sample weight gradients without unfolding: for each kernel
+    offset (u, v), the strided slice of the padded input that meets the output positions is
+    multiplied with the output gradient, Σ_p g[o, p] a_pad[i, p·s + (u, v)·d]; kh·kw products
+    of (out × P)(P × in), no (in·kh·kw × P) patch tensor written and read back."""
+    b = a.shape[0]
+    kh, kw = m.kernel_size
+    (sh, sw), (dh, dw), (ph, pw) = m.stride, m.dilation, m.padding
+    groups = m.groups
+    ho, wo = g4.shape[-1] // _out_width(m, a), _out_width(m, a)
+    ap = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+    cin = a.shape[1] // groups
+    out = torch.empty(b, groups, g4.shape[2], cin, kh, kw, dtype=a.dtype, device=a.device)
+    for u in range(kh):
+        for v in range(kw):
+            sl = ap[:, :, u * dh : u * dh + sh * (ho - 1) + 1 : sh,
+                    v * dw : v * dw + sw * (wo - 1) + 1 : sw]  # (b, in, H', W')
+            sl = sl.reshape(b, groups, cin, -1)
+            out[..., u, v] = g4 @ sl.transpose(-1, -2)
+    return out.reshape(b, groups, g4.shape[2], -1)
+
+
+def _out_width(m: nn.Conv2d, a: Tensor) -> int:
+    kw, sw, dw, pw = m.kernel_size[1], m.stride[1], m.dilation[1], m.padding[1]
+    return (a.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
 def _per_sample(m: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     """Per-sample gradients of module ``m``'s parameters from its input ``a`` and output
     gradient ``g`` (both with the samples along dimension 0)."""
@@ -327,12 +379,15 @@ def _per_sample(m: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
             out["bias"] = g3.sum(1)
         return out
     if isinstance(m, nn.Conv2d):
-        cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding,
-                        stride=m.stride)  # (b, in·kh·kw, P), channel-major rows
         groups = m.groups
         g4 = g.reshape(b, groups, g.shape[1] // groups, -1)  # (b, G, out/G, P)
-        c4 = cols.reshape(b, groups, cols.shape[1] // groups, -1)  # (b, G, in/G·kh·kw, P)
-        w = torch.einsum("bgop,bgip->bgoi", g4, c4)
+        if conv_gradient_route(m, g4.shape[-1]) == "slices":
+            w = _conv_weight_by_slices(m, a, g4)
+        else:
+            cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding,
+                            stride=m.stride)  # (b, in·kh·kw, P), channel-major rows
+            c4 = cols.reshape(b, groups, cols.shape[1] // groups, -1)  # (b, G, in/G·kh·kw, P)
+            w = torch.einsum("bgop,bgip->bgoi", g4, c4)
         out = {"weight": w.reshape(b, *m.weight.shape)}
         if m.bias is not None:
             out["bias"] = g4.sum(3).reshape(b, -1)

@@ -1,0 +1,233 @@
+"""LDS against the curvature sample size m: one curve per (estimator, sampler), beside exact,
+whole-pool K-FAC/EK-FAC, the first-N-points convention and grad-dot.
+
+    python benchmarks/lds_curve.py lr     # reads benchmarks/results/lds-mnist-lr/results.json
+    python benchmarks/lds_curve.py mlp
+
+It reads the cells that ``benchmarks/lds.py`` wrote (run those first: the commands are in
+``CURVES`` below and in the written .md), and writes ``benchmarks/results/lds-curve-<model>.png``,
+``.md`` and ``.json``. Each point is the mean LDS over curvature-sample seeds at the damping
+with the best mean for that (method, m) among those tried (chosen on the test points, as dattri
+and ``benchmarks/lds.py`` do); error bars are the standard error over seeds (sd/√seeds). A
+deterministic sampler (``first``) has one seed and no bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from statistics import fmean, stdev
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from repif import io  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+POOL = 5000  # dattri's first 5,000 MNIST training images
+
+#: Commands that fill each curve (run with one torch thread; each resumes the run directory).
+BLEND = "ggn:woodbury+prior=ekfac+prior_mode=blend+prior_weight=0.8"
+CURVES = {
+    "lr": [
+        f"python benchmarks/lds.py lr --methods {BLEND}@random,{BLEND}@logit-importance "
+        "--sizes 50,100,250,500 --seeds 5 --dampings 0.03",
+        f"python benchmarks/lds.py lr --methods ggn:woodbury@first,{BLEND}@first "
+        "--sizes 50,100,250,500,1000 --seeds 1 --dampings 0.03,0.1",
+        "python benchmarks/lds.py lr --methods ekfac:eigen@first,ekfac:eigen@random,"
+        "ekfac:eigen@logit-importance --sizes 50,100,250,500,1000 --seeds 1 --dampings 0.03",
+        "(the plain ggn:woodbury@random / @logit-importance cells and the whole-pool rows: the "
+        "commands of lds-mnist-lr.md)",
+    ],
+    "mlp": [],
+}
+
+#: Seeds a row needs to count in the sampler comparison (a standard error over fewer is noise).
+MIN_SEEDS = 3
+#: The curves drawn: (estimator, sampler); the table lists every measured row.
+PLOTTED = [("ggn:woodbury", "random"), ("ggn:woodbury", "logit-importance"),
+           ("ggn:woodbury", "first"), (BLEND, "random"), (BLEND, "logit-importance"),
+           (BLEND, "first"), ("ekfac:eigen", "first")]
+#: Short names in the plot's legend.
+LABELS = {"ggn:woodbury": "subset GGN (woodbury)",
+          BLEND: "subset GGN + 0.8·EK-FAC(pool) (woodbury prior, blend)"}
+#: Whole-pool reference lines (method names as the LDS benchmark writes them).
+REFERENCES = ["ggn:direct", "kfac:eigen", "ekfac:eigen", "grad-dot"]
+#: Samplers that use no model statistics (the baselines a smart sampler must beat).
+BASELINE_SAMPLERS = ("random", "first")
+
+
+def _split(method: str) -> tuple[str, str | None]:
+    body, at, sampler = method.partition("@")
+    return body, (sampler if at else None)
+
+
+def curves(results: dict) -> tuple[dict, dict]:
+    """(curves, references): curves[estimator][sampler][m] = {mean, se, seeds, damping};
+    references[method] = {score, se, damping} at its best damping."""
+    cells: dict[tuple[str, int], dict[float, list[float]]] = defaultdict(lambda: defaultdict(
+        list))
+    for c in results["cells"]:
+        if c["score"] is not None and math.isfinite(c["score"]):
+            cells[(c["method"], c["sample_size"])][float(c["damping"])].append(c["score"])
+    out: dict = defaultdict(lambda: defaultdict(dict))
+    refs: dict = {}
+    for (method, m), by_d in cells.items():
+        best = max(by_d, key=lambda d: fmean(by_d[d]))
+        vals = by_d[best]
+        se = stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else 0.0
+        entry = {"mean": fmean(vals), "se": se, "seeds": len(vals), "damping": best,
+                 "by_damping": {f"{d:g}": fmean(v) for d, v in sorted(by_d.items())}}
+        est, sampler = _split(method)
+        if sampler is None:
+            if m == 0:
+                refs[method] = entry
+            continue
+        out[est][sampler][m] = entry
+    return out, refs
+
+
+def goals(name: str, cur: dict, refs: dict) -> list[str]:
+    """The issue's goals, checked on the measured numbers."""
+    lines = []
+    tenth = POOL // 10
+    exact = refs.get("ggn:direct", {}).get("mean")
+    if exact is not None:
+        best = []
+        for est, by_s in cur.items():
+            for sampler, pts in by_s.items():
+                for m, e in pts.items():
+                    if m <= tenth:
+                        best.append((exact - e["mean"], est, sampler, m, e["mean"]))
+        if best:
+            gap, est, sampler, m, v = min(best)
+            met = "met" if gap <= 0.01 else "missed"
+            lines.append(f"- Within 0.01 LDS of exact ({exact:.3f}) at m ≤ {tenth} (10% of the "
+                         f"pool): {met}; closest {est}@{sampler} m = {m}: {v:.3f} (gap "
+                         f"{gap:.3f}).")
+    for est, by_s in sorted(cur.items()):
+        if "random" not in by_s:
+            continue
+        smart = [s for s in by_s if s not in BASELINE_SAMPLERS]
+        if by_s["random"] and max(e["seeds"] for e in by_s["random"].values()) < MIN_SEEDS:
+            continue
+        if not smart:
+            continue
+        verdicts = []
+        all_ok = True
+        for m in sorted(by_s["random"]):
+            r = by_s["random"][m]
+            if m > tenth or r["seeds"] < MIN_SEEDS:
+                continue
+            cands = [(by_s[s][m]["mean"], s) for s in smart
+                     if m in by_s[s] and by_s[s][m]["seeds"] >= MIN_SEEDS]
+            if not cands:
+                continue
+            v, s = max(cands)
+            e = by_s[s][m]
+            se = math.sqrt(r["se"] ** 2 + e["se"] ** 2)
+            ok = v - r["mean"] > se
+            all_ok &= ok
+            verdicts.append(f"m = {m}: {s} {v:.3f} vs random {r['mean']:.3f} (diff "
+                            f"{v - r['mean']:+.3f}, SE {se:.3f}{'' if ok else ', not > 1 SE'})")
+        if verdicts:
+            lines.append(f"- {est}: best smart sampler beats random by > 1 SE at every m ≤ "
+                         f"{tenth}: {'met' if all_ok else 'missed'} — " + "; ".join(verdicts)
+                         + ".")
+    if name == "mlp":
+        top = max(((e["mean"], est, s, m) for est, by_s in cur.items()
+                   for s, pts in by_s.items() for m, e in pts.items() if m <= tenth),
+                  default=None)
+        if top:
+            v, est, s, m = top
+            lines.append(f"- MNIST-MLP ≥ 0.332 (TRAK-10) from ≤ 10% of the pool: "
+                         f"{'met' if v >= 0.332 else 'missed'}; best {est}@{s} m = {m}: "
+                         f"{v:.3f}.")
+    return lines
+
+
+def plot(name: str, cur: dict, refs: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    styles = {"ggn:woodbury": "--", BLEND: "-", "ekfac:eigen": ":"}
+    markers = {"random": "o", "logit-importance": "s", "first": "x"}
+    for est, by_s in sorted(cur.items()):
+        for sampler, pts in sorted(by_s.items()):
+            if (est, sampler) not in PLOTTED:
+                continue
+            ms = sorted(pts)
+            x = [100 * m / POOL for m in ms]
+            y = [pts[m]["mean"] for m in ms]
+            err = [pts[m]["se"] for m in ms]
+            ax.errorbar(x, y, yerr=err, capsize=3, linestyle=styles.get(est, "-."),
+                        marker=markers.get(sampler, "^"),
+                        label=f"{LABELS.get(est, est)} @ {sampler}")
+    colors = {"ggn:direct": "black", "kfac:eigen": "tab:gray", "ekfac:eigen": "tab:brown",
+              "grad-dot": "tab:olive"}
+    for ref in REFERENCES:
+        if ref in refs:
+            ax.axhline(refs[ref]["mean"], color=colors[ref], linestyle="--", linewidth=1,
+                       label=f"{ref} (whole pool) {refs[ref]['mean']:.3f}")
+    ax.set_xscale("log")
+    ax.set_xticks([1, 2, 5, 10, 20])
+    ax.set_xticklabels(["1%", "2%", "5%", "10%", "20%"])
+    ax.set_xlabel(f"curvature sample m (% of the {POOL:,}-point pool)")
+    ax.set_ylabel("LDS (mean over seeds ± SE)")
+    ax.set_title(f"MNIST-{name.upper()}: LDS against retraining vs curvature sample size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", choices=sorted(CURVES))
+    args = p.parse_args(argv)
+    results = io.read_json(RESULTS / f"lds-mnist-{args.model}" / "results.json")
+    cur, refs = curves(results)
+    stem = RESULTS / f"lds-curve-{args.model}"
+    plot(args.model, cur, refs, stem.with_suffix(".png"))
+    checks = goals(args.model, cur, refs)
+    io.write_json_atomic(stem.with_suffix(".json"), {
+        "model": args.model, "pool": POOL, "commands": CURVES[args.model],
+        "curves": cur, "references": refs, "goals": checks,
+        "ground_truth": results.get("ground_truth"), "environment": results.get("environment")})
+    lines = [f"# LDS against curvature sample size, MNIST-{args.model.upper()}", "",
+             f"![LDS vs m](lds-curve-{args.model}.png)", "",
+             "Reproduce (one torch thread; each command resumes "
+             f"`benchmarks/results/lds-mnist-{args.model}/`), then "
+             f"`python benchmarks/lds_curve.py {args.model}`:", "",
+             *(f"    {c}" for c in CURVES[args.model]), "",
+             "Mean LDS over curvature-sample seeds at the best damping per (method, m) among "
+             "those tried (chosen on the test points, as dattri does); ± is the standard error "
+             "over seeds. The ground truth: 50 random halves of the pool retrained once each "
+             "(dattri's recipe, see `lds-mnist-" + args.model + ".md`).", "",
+             "| estimator | sampler | " + " | ".join(f"{p}%" for p in (1, 2, 5, 10, 20))
+             + " |", "| --- | --- |" + " ---: |" * 5]
+    for est, by_s in sorted(cur.items()):
+        for sampler, pts in sorted(by_s.items()):
+            cells = []
+            for pct in (1, 2, 5, 10, 20):
+                e = pts.get(POOL * pct // 100)
+                cells.append("" if e is None else
+                             f"{e['mean']:.3f} ± {e['se']:.3f} ({e['seeds']}; λ {e['damping']:g})")
+            lines.append(f"| {est} | {sampler} | " + " | ".join(cells) + " |")
+    lines += ["", "Whole-pool references:", ""]
+    for ref in REFERENCES:
+        if ref in refs:
+            lines.append(f"- {ref}: {refs[ref]['mean']:.3f} (λ {refs[ref]['damping']:g})")
+    lines += ["", "Goals (issue: sampled curvature at ground truth):", "", *checks]
+    io.write_bytes_atomic(stem.with_suffix(".md"), ("\n".join(lines) + "\n").encode)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

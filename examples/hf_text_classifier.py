@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small sizes (seconds)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    n_train, epochs = (240, 6) if args.tiny else (1200, 6)
+    n_train, epochs = (150, 6) if args.tiny else (1200, 6)
     train, val, test = token_task(n_train, 0), token_task(n_train // 4, 1), token_task(60, 2)
     model = BertForSequenceClassification(BertConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

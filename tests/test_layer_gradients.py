@@ -211,3 +211,17 @@ def test_conv_route_rule():
     assert conv_gradient_route(three, SLICES_MIN_POSITIONS) == "slices"
     assert conv_gradient_route(three, SLICES_MIN_POSITIONS - 1) == "unfold"
     assert conv_gradient_route(one, 1) == "slices"
+
+
+def test_in_place_activations_keep_the_hook_engine():
+    """ReLU(inplace=True) after a conv or BatchNorm (VGG, ResNet) overwrote the captured output,
+    so the self-check failed and the model fell back to torch.func; the next layer now gets a
+    copy and the engine's gradients equal torch.func's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(4),
+                          nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(144, 3)).double().eval()
+    x, y = torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    fm = FunctionalModel(model)
+    engine = layer_engine(fm, x[:2], y[:2])
+    assert engine is not None
+    torch.testing.assert_close(engine.gradients(x, y), per_sample_gradients(fm, x, y))

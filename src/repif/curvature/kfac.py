@@ -455,10 +455,27 @@ def _corrections(fm: FunctionalModel, layers: list[KroneckerLayer], setup: _Pass
     return [distributed.all_reduce_sum(t) for t in out]
 
 
+#: Relative diagonal shift for a retried factor eigendecomposition (see :func:`_eigh`).
+EIGH_JITTER = 1e-10
+
+
 def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (clipped at 0: the factor is PSD, negatives are round-off) and eigenvectors
     of a symmetric matrix, computed in float64 and returned in its dtype."""
-    vals, vecs = torch.linalg.eigh((0.5 * (m + m.T)).double())
+    sym = (0.5 * (m + m.T)).double()
+    try:
+        vals, vecs = torch.linalg.eigh(sym)
+    except torch.linalg.LinAlgError:
+        # LAPACK's divide-and-conquer can fail to converge on a large, low-rank factor with
+        # many repeated (zero) eigenvalues (ResNet-18's 4,608-wide A on a few images). A shift
+        # of EIGH_JITTER × the largest diagonal entry separates them; it is taken back from
+        # the eigenvalues, so only round-off of that size remains.
+        shift = EIGH_JITTER * float(sym.diagonal().abs().max().clamp_min(1e-300))
+        eye = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)
+        noise = torch.randn(sym.shape, generator=torch.Generator(device=sym.device)
+                            .manual_seed(0), dtype=sym.dtype, device=sym.device)
+        vals, vecs = torch.linalg.eigh(sym + shift * (eye + 1e-3 * (noise + noise.T)))
+        vals = vals - shift
     # contiguous: a basis read back from the factor cache is contiguous, and the same layout
     # makes the same kernels run, so a cached fit solves bit for bit as the fresh one
     return vals.clamp_min(0).to(m.dtype), vecs.to(m.dtype).contiguous()

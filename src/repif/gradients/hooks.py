@@ -144,17 +144,20 @@ class LayerGradientEngine:
 
         n = batch_len(targets)
 
-        def fwd(module: nn.Module, ins: tuple, out: Tensor) -> Tensor | None:
-            a, replaced = ins[0], None
+        def fwd(module: nn.Module, ins: tuple, out: Tensor) -> Tensor:
+            a = ins[0]
             if n > 1 and out.shape[:1] == (1,) and a.shape[:1] == (1,):
                 # one row shared by every point (e.g. Hugging Face's position embeddings of a
                 # (1, T) position_ids buffer, broadcast when added): given to each point as its
                 # own row, so the backward keeps each point's share of the gradient apart
                 a = a.expand(n, *a.shape[1:])
-                out = replaced = out.expand(n, *out.shape[1:])
+                out = out.expand(n, *out.shape[1:])
             acts[module] = a.detach()
             outs[module] = out
-            return replaced
+            # the next layer gets a copy: an in-place op there (VGG's and ResNet's
+            # ReLU(inplace=True)) would otherwise overwrite this output, and the gradient taken
+            # at it would be the gradient after the ReLU
+            return out.clone()
 
         handles = [b.module.register_forward_hook(fwd) for b in self.blocks]
         try:

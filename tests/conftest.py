@@ -24,6 +24,16 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _factor_cache_of_its_own(tmp_path_factory):
+    """Long Kronecker fits go to the default factor cache; the suite's go to a directory of its
+    own, so a run neither reads a user's cache nor leaves files in it."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("REPIF_CACHE_DIR", str(tmp_path_factory.mktemp("factor-cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _one_thread_everywhere():
     """The whole suite runs on one torch / BLAS thread: its problems are small, and on a
     shared 2-core machine thread hand-offs, not arithmetic, dominated their run time."""

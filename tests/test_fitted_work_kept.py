@@ -65,3 +65,26 @@ def test_a_damping_that_cannot_work_is_refused_before_the_fit(digits_mlp, fits):
     with pytest.raises(ValueError, match="damping \\+ weight_decay > 0"):
         repif.InfluenceEstimator(model, train, damping=0.0, **KW)
     assert not fits
+
+
+def test_a_long_fit_is_kept_in_the_default_cache(digits_mlp, fits, monkeypatch, tmp_path):
+    """With no cache_dir named, a fit that took at least LONG_FIT_S is stored in the default
+    cache, so a second estimator (e.g. after an error) loads it instead of refitting; a short
+    fit is not stored; cache_dir=False never reads or writes."""
+    model, train, _ = digits_mlp
+    monkeypatch.setenv(kfac.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(kfac, "LONG_FIT_S", 1e9)  # every fit "short": nothing stored
+    first = repif.InfluenceEstimator(model, train, **KW).fit()
+    assert not list(tmp_path.iterdir()) and len(fits) == 1
+    monkeypatch.setattr(kfac, "LONG_FIT_S", 0.0)  # every fit "long": stored
+    repif.InfluenceEstimator(model, train, **KW).fit()
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1 and len(fits) == 2
+    again = repif.InfluenceEstimator(model, train, **KW).fit()
+    assert len(fits) == 2  # loaded from the default cache, not refitted
+    g = first.train_gradients([0, 1])
+    torch.testing.assert_close(again.inverse_hvp(g), first.inverse_hvp(g), rtol=1e-12, atol=0)
+    never = repif.InfluenceEstimator(model, train, kronecker_options={"cache_dir": False},
+                                     **KW).fit()
+    assert len(fits) == 3 and never.subset.indices.equal(first.subset.indices)
+    with pytest.raises(ValueError, match="cache_dir must be"):
+        repif.InfluenceEstimator(model, train, kronecker_options={"cache_dir": 3}, **KW)

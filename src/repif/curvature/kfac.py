@@ -41,6 +41,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -673,14 +675,32 @@ def data_fingerprint(x: Any, y: Any) -> str:
     return _digest(leaves)
 
 
+#: A Kronecker fit that takes at least this long (seconds) is kept in the default cache when the
+#: user names none (``cache_dir=None``): long enough that short fits, the common case, never
+#: touch the disk; short enough that a fit worth minutes survives an error raised after it.
+LONG_FIT_S = 30.0
+
+#: Environment variable naming the default cache directory of Kronecker factors.
+CACHE_ENV = "REPIF_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$REPIF_CACHE_DIR`` if set, else ``~/.cache/repif/factors``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "repif" / "factors"
+
+
 def load_or_fit(
     cache_dir: str | Path, metadata: dict[str, Any], fm: FunctionalModel,
     fit: Callable[[], KroneckerCurvature], budget: MemoryBudget | None = None,
+    save_after_s: float | None = None,
 ) -> KroneckerCurvature:
     """The factors stored under ``cache_dir`` for exactly this ``metadata`` (model digest, data
-    fingerprint, subset, sampler, m, seed, kind, …), else ``fit()`` and store them. A stored
-    file that is damaged or records other metadata is refitted with a warning. Over several
-    processes every rank must load (else all refit) and rank 0 writes."""
+    fingerprint, subset, sampler, m, seed, kind, …), else ``fit()`` and store them (only when
+    the fit took at least ``save_after_s`` seconds, if given; a store that fails then warns
+    instead of raising). A stored file that is damaged or records other metadata is refitted
+    with a warning. Over several processes every rank must load (else all refit) and rank 0
+    writes."""
     meta = {"format": CACHE_FORMAT, **metadata, **environment_metadata()}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"{metadata.get('kind', 'kfac')}-{key}.safetensors"
@@ -699,8 +719,19 @@ def load_or_fit(
             loaded = None
     if distributed.agree(int(loaded is not None)) and loaded is not None:
         return loaded
+    t0 = time.perf_counter()
     fitted = fit()
+    took = time.perf_counter() - t0
+    if save_after_s is not None and took < save_after_s:
+        return fitted
     if distributed.is_main():
         tensors, curv_meta = fitted.state()
-        save_tensors_atomic(path, tensors, {"cache": meta, "curvature": curv_meta})
+        try:
+            save_tensors_atomic(path, tensors, {"cache": meta, "curvature": curv_meta})
+        except OSError as err:
+            if save_after_s is None:  # a directory the user named: its failure is theirs to see
+                raise
+            warnings.warn(f"could not keep the {took:.0f} s Kronecker fit in the default cache "
+                          f"({err}); set {CACHE_ENV} or kronecker_options={{'cache_dir': ...}}",
+                          RuntimeWarning, stacklevel=3)
     return fitted

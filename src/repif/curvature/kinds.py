@@ -10,7 +10,10 @@
   one backward at a label drawn from the model's predictive), ``other_layers`` ("error",
   "identity", "frozen"), ``weight_sharing`` ("expand", or "reduce": K-FAC-reduce, outer products
   after summing a layer's positions) and ``cache_dir`` (factors stored as safetensors, reused
-  when their metadata match). See docs/design.md, "Kronecker factors".
+  when their metadata match; None, the default: fits that took longer than
+  :data:`~repif.curvature.kfac.LONG_FIT_S` are kept in the default cache,
+  :func:`~repif.curvature.kfac.default_cache_dir`, so an error after them loses nothing;
+  False: never cached). See docs/design.md, "Kronecker factors".
 
 A kind is a small class with a ``name`` (registering it), its options as keyword arguments
 (unknown ones are refused by name) and ``build(request)``: the fitter hands over a
@@ -20,6 +23,7 @@ into the fitter (docs/design.md, "Parts").
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -97,7 +101,11 @@ class KFAC(CurvatureKind):
     kronecker = True
 
     def __init__(self, fisher: str = "exact", other_layers: str = "error",
-                 cache_dir: str | None = None, weight_sharing: str = "expand") -> None:
+                 cache_dir: str | bool | None = None, weight_sharing: str = "expand") -> None:
+        if not (cache_dir is None or cache_dir is False
+                or isinstance(cache_dir, (str, os.PathLike))):
+            raise ValueError(f"cache_dir must be a directory, None (keep long fits in the "
+                             f"default cache) or False (never cache), got {cache_dir!r}")
         check_choice(fisher, kfac.FISHER_MODES, "fisher")
         check_choice(other_layers, kfac.OTHER_LAYERS, "other_layers")
         check_choice(weight_sharing, kfac.WEIGHT_SHARING, "weight_sharing")
@@ -116,7 +124,7 @@ class KFAC(CurvatureKind):
                                       budget=r.budget, seed=seed, progress=r.progress,
                                       weight_sharing=self.weight_sharing)
 
-        if self.cache_dir is None:
+        if self.cache_dir is False:
             return fit()
         meta = {
             "kind": self.name, "fisher": self.fisher, "other_layers": self.other_layers,
@@ -131,6 +139,9 @@ class KFAC(CurvatureKind):
             "weight_decay": fm.task.weight_decay,
             "dtype": str(fm.dtype), "device": fm.device.type,
         }
+        if self.cache_dir is None:  # the default cache: read always, write only long fits
+            return kfac.load_or_fit(kfac.default_cache_dir(), meta, fm, fit, r.budget,
+                                    save_after_s=kfac.LONG_FIT_S)
         return kfac.load_or_fit(self.cache_dir, meta, fm, fit, r.budget)
 
 

@@ -29,17 +29,25 @@ def resolve_preconditioner(value: Any, operator: Any, damping: float
     weights. It must cover every parameter and be positive definite at this damping."""
     if value is None:
         return None
-    if isinstance(value, str):
-        value = fit_kronecker(operator.fm, operator.x, operator.y, operator.weights, kind=value,
-                              budget=operator.budget)
-    if value.size != operator.size:
-        raise ValueError(f"the preconditioner has {value.size} parameters, the curvature "
-                         f"{operator.size}")
-    if value.others and value.other_layers == "frozen":
-        raise ValueError("a preconditioner must act on every parameter: fit it with "
-                         "other_layers='identity', not 'frozen'")
+    value = kronecker_on(value, operator, "preconditioner")
     low, _ = value.spectrum(damping)
     if not low > 0:
         raise ValueError("the K-FAC preconditioner is singular at damping + weight_decay = 0; "
                          "set damping > 0")
+    return value
+
+
+def kronecker_on(value: str | KroneckerCurvature, operator: Any, role: str
+                 ) -> KroneckerCurvature:
+    """``value`` fitted (a kind name is fitted here on the operator's own subset and weights)
+    and checked to act on every parameter of ``operator``; ``role`` names it in errors."""
+    if isinstance(value, str):
+        value = fit_kronecker(operator.fm, operator.x, operator.y, operator.weights, kind=value,
+                              budget=operator.budget)
+    if value.size != operator.size:
+        raise ValueError(f"the {role} has {value.size} parameters, the curvature "
+                         f"{operator.size}")
+    if value.others and value.other_layers == "frozen":
+        raise ValueError(f"a {role} must act on every parameter: fit it with "
+                         "other_layers='identity', not 'frozen'")
     return value

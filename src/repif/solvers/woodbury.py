@@ -117,13 +117,7 @@ class WoodburySolver(Solver):
         else:
             self.d_isqrt = None
             s.mul_(mu ** -0.5)
-        self.mu = mu
-        inner = s @ s.T
-        inner.diagonal().add_(1.0)
-        self.factor = s
-        self._chol = torch.linalg.cholesky(inner)
-        del inner
-        self.kept_bytes = s.numel() * s.element_size() + self._chol.numel() * s.element_size()
+        self._factorise(s, mu)
 
     def _prepare_prior(self, s: Tensor, mu: float) -> None:
         """D = μI + Q diag(d) Qᵀ from the Kronecker prior (module doc). The factor is kept
@@ -153,6 +147,10 @@ class WoodburySolver(Solver):
             d = (lam - own).clamp_min(0)
         self.d_isqrt = (mu + d).rsqrt()
         s.mul_(self.d_isqrt)
+        self._factorise(s, mu)
+
+    def _factorise(self, s: Tensor, mu: float) -> None:
+        """Keep the scaled (mC, p) factor S and the Cholesky factor of I + SSᵀ."""
         self.mu = mu
         inner = s @ s.T
         inner.diagonal().add_(1.0)
@@ -215,15 +213,6 @@ def resolve_prior(value: Any, operator: Any) -> KroneckerCurvature:
     """The fitted prior: ``value`` itself when fitted (the estimator fits it on the pool), else
     fitted here on the operator's own subset and weights (then "fill" adds nothing that EK-FAC
     does not already hold: fit it on more points through the estimator)."""
-    from repif.curvature.kfac import fit_kronecker
+    from repif.solvers.preconditioning import kronecker_on
 
-    if isinstance(value, str):
-        value = fit_kronecker(operator.fm, operator.x, operator.y, operator.weights, kind=value,
-                              budget=operator.budget)
-    if value.size != operator.size:
-        raise ValueError(f"the prior has {value.size} parameters, the curvature "
-                         f"{operator.size}")
-    if value.others and value.other_layers == "frozen":
-        raise ValueError("a prior must act on every parameter: fit it with "
-                         "other_layers='identity', not 'frozen'")
-    return value
+    return kronecker_on(value, operator, "prior")

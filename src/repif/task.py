@@ -62,6 +62,15 @@ class Task:
         self.weight_decay = float(weight_decay)
         self.target_key = target_key
 
+    # ------------------------------------------------------------------ regulariser
+    def regularizer_gradient(self, theta: Tensor) -> Tensor:
+        """∇ of the objective's L2 term (wd/2)‖θ‖² at ``theta``: wd·θ, same shape."""
+        return self.weight_decay * theta
+
+    def regularizer_hvp(self, v: Tensor) -> Tensor:
+        """The L2 term's Hessian wd·I times ``v`` ((p,) or (k, p) rows alike)."""
+        return self.weight_decay * v
+
     # ------------------------------------------------------------------ batch layout
     def split(self, batch: Batch) -> tuple[Any, Any]:
         """A collated batch → (model inputs, targets); inputs are passed to :meth:`forward`."""

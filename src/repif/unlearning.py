@@ -148,7 +148,7 @@ def removal_gradient(fitter: CurvatureFitter, removed: Tensor) -> Tensor:
             "inf): an input, target or loss among them is not finite. Clean or drop those "
             "points; a non-finite gradient would otherwise make the update meaningless"
         )
-    return (total / n_s + fm.task.weight_decay * fm.theta) * (n_s / n_r)
+    return (total / n_s + fm.task.regularizer_gradient(fm.theta)) * (n_s / n_r)
 
 
 def newton_removal(
@@ -204,7 +204,7 @@ def newton_removal(
         )
     if fitted is None or bool(torch.isin(fitted.subset.indices, removed).any()):
         fitted = fitter.draw(rest)  # the curvature must not see the removed points
-    fm, wd = fitter.fm, fitter.fm.task.weight_decay
+    fm = fitter.fm
     if gradient is None:
         gradient = removal_gradient(fitter, removed)
     else:
@@ -234,7 +234,7 @@ def newton_removal(
     for _ in range(steps - 1):
         fm_k = fm.at(theta)
         grad_r = sum_gradient(fm_k, fitter.source, rest, fitter.budget, fitter.cost)
-        g = -(grad_r / rest.numel() + wd * theta)
+        g = -(grad_r / rest.numel() + fm.task.regularizer_gradient(theta))
         theta = theta + scale * fitter.prepare(fitted.subset, fm_k).solve(g[None])[0]
         theta = distributed.broadcast(theta)
     if not bool(torch.isfinite(theta).all()):

@@ -37,7 +37,7 @@ from repif.curvature import kinds as curvature_kinds
 from repif.curvature.operator import resolve_shrinkage
 from repif.data import DataSource
 from repif.fitting import CurvatureFitter, FitOptions, FittedCurvature
-from repif.gradients.hooks import LayerGradientEngine, layer_engine, unsupported_layers
+from repif.gradients.hooks import choose_engine
 from repif.gradients.streaming import CostModel, split_batch
 from repif.memory import MemoryBudget
 from repif.projected_scores import ProjectedScoring
@@ -49,8 +49,12 @@ from repif.projection import (
     ProjectedCurvature,
     check_dim,
 )
-from repif.recording import ATTRIBUTE as RECORDED
-from repif.recording import PoolStatistics, module_digest
+from repif.recording import (
+    PoolStatistics,
+    check_statistics_targets,
+    module_digest,
+    recorded_statistics,
+)
 from repif.samplers import Pool, Subset
 from repif.scoring import Scoring
 from repif.task import FunctionalModel, Task
@@ -66,11 +70,6 @@ from repif.validation import (
 #: large enough to keep (C + λI) well conditioned in the directions the subset does not see.
 DEFAULT_DAMPING = 1e-2
 
-#: Per-sample gradient engines: "auto" (hooks where eligible, else torch.func), "hooks", "func".
-PER_SAMPLE_ENGINES = ("auto", "hooks", "func")
-
-#: Training points the hook engine is checked on against torch.func before it is used.
-PROBE_POINTS = 2
 
 class InfluenceEstimator(Scoring, ProjectedScoring):
     """Influence functions with curvature estimated on a sampled subset of the training data.
@@ -215,7 +214,7 @@ class InfluenceEstimator(Scoring, ProjectedScoring):
             self.task.check_targets(targets, self.output_dim)
         self.fm.check_task(inputs, targets)  # one loss per point, finite: else one error
         self.source.validate = self._validate_batch
-        self.cost = CostModel(self.fm, inputs, self._engine(per_sample))
+        self.cost = CostModel(self.fm, inputs, choose_engine(self.fm, self.source, per_sample))
         self.scores = scores
         self._projection: KroneckerProjection | None = None
         self._projected_curvature: ProjectedCurvature | None = None
@@ -235,55 +234,14 @@ class InfluenceEstimator(Scoring, ProjectedScoring):
         self.fitter = CurvatureFitter(self.fm, self.source, options, self.budget, self.cost,
                                       self.output_dim, progress=progress)
         if pool_statistics is None:
-            pool_statistics = self._recorded_statistics(model)
+            pool_statistics = recorded_statistics(model, self.n_train)
         elif isinstance(pool_statistics, PoolStatistics):
             pool_statistics.check_model(model)
         if pool_statistics is not None:
             self.fitter.use_statistics(tuple(pool_statistics))
-            self._check_statistics_targets(pool_statistics[2])
+            check_statistics_targets(pool_statistics[2],
+                                     self.fitter.cheap_labels(torch.arange(self.n_train)))
         self._fitted: FittedCurvature | None = None
-
-    def _recorded_statistics(self, model: nn.Module) -> PoolStatistics | None:
-        """Statistics recorded while ``model`` trained (``repif.train(...,
-        record_statistics=True)``), if they belong to its weights and hold one row per training
-        point; else None (the samplers make their own pass)."""
-        recorded = getattr(model, RECORDED, None)
-        if not isinstance(recorded, PoolStatistics) or len(recorded.targets) != self.n_train:
-            return None
-        if recorded.model_digest is None or recorded.model_digest != module_digest(model):
-            return None
-        return recorded
-
-    def _check_statistics_targets(self, targets: Tensor) -> None:
-        """Statistics of other data (same size, other points) would silently steer the sampler:
-        their targets must be these training targets where those are at hand."""
-        mine = self.fitter.cheap_labels(torch.arange(self.n_train))
-        if mine is not None and not torch.equal(mine.reshape(-1).cpu(),
-                                                targets.reshape(-1).to(mine.dtype)):
-            raise ValueError(
-                "the pool statistics' targets differ from the training targets: they were "
-                "made on other data (or in another order); pass statistics of this training "
-                "set, in dataset order, or none"
-            )
-
-    def _engine(self, per_sample: str) -> LayerGradientEngine | None:
-        """The hook-based per-sample engine ("hooks", or "auto" where the model is eligible and
-        agrees with torch.func on a probe of the first training points), else None."""
-        check_choice(per_sample, PER_SAMPLE_ENGINES, "per_sample")
-        if per_sample == "func":
-            return None
-        probe = self.source.gather(torch.arange(min(PROBE_POINTS, len(self.source))))
-        engine = layer_engine(self.fm, *split_batch(self.fm, probe))
-        if engine is None and per_sample == "hooks":
-            missing = unsupported_layers(self.fm)
-            raise ValueError(
-                "per_sample='hooks' needs every trainable parameter in an nn.Linear, Conv2d, "
-                "BatchNorm (eval), LayerNorm, Embedding or Hugging Face Conv1D called once per "
-                "forward" + (f"; without a rule: {', '.join(missing[:10])}" if missing else
-                             " (a layer is called twice, or the self-check disagreed)")
-                + "; use per_sample='auto' or 'func'"
-            )
-        return engine
 
     # ------------------------------------------------------------------ fitting
     @property

@@ -154,3 +154,29 @@ class StatisticsRecorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def recorded_statistics(model: nn.Module, n_train: int) -> PoolStatistics | None:
+    """Statistics recorded while ``model`` trained (``repif.train(...,
+    record_statistics=True)``), if they belong to its weights and hold one row per each of the
+    ``n_train`` training points; else None (the samplers make their own pass)."""
+    recorded = getattr(model, ATTRIBUTE, None)
+    if not isinstance(recorded, PoolStatistics) or len(recorded.targets) != n_train:
+        return None
+    if recorded.model_digest is None or recorded.model_digest != module_digest(model):
+        return None
+    return recorded
+
+
+def check_statistics_targets(targets: Tensor, training_targets: Tensor | None) -> None:
+    """Statistics of other data (same size, other points) would silently steer the sampler:
+    their (n,) ``targets`` must equal the ``training_targets`` where those are at hand (None:
+    not known without a pass; nothing to check)."""
+    mine = training_targets
+    if mine is not None and not torch.equal(mine.reshape(-1).cpu(),
+                                            targets.reshape(-1).to(mine.dtype)):
+        raise ValueError(
+            "the pool statistics' targets differ from the training targets: they were "
+            "made on other data (or in another order); pass statistics of this training "
+            "set, in dataset order, or none"
+        )

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repif.data import batch_len
-from repif.gradients.streaming import per_sample_gradients
+from repif.gradients.streaming import per_sample_gradients, split_batch
 from repif.task import FunctionalModel
 from repif.validation import check_choice
 
@@ -514,3 +514,33 @@ def _workspace_numel(fm: FunctionalModel, blocks: list[LayerBlock], inputs: Any)
         for h in handles:
             h.remove()
     return max(sizes) if sizes else 0
+
+
+#: Per-sample gradient engines: "auto" (hooks where eligible, else torch.func), "hooks", "func".
+PER_SAMPLE_ENGINES = ("auto", "hooks", "func")
+
+#: Training points the hook engine is checked on against torch.func before it is used.
+PROBE_POINTS = 2
+
+
+def choose_engine(fm: FunctionalModel, source: Any, per_sample: str
+                  ) -> LayerGradientEngine | None:
+    """The hook-based per-sample engine for ``fm`` ("hooks", or "auto" where the model is
+    eligible and agrees with torch.func on a probe of ``source``'s first training points), else
+    None (torch.func); "hooks" on a model without a rule for every layer is a ValueError
+    naming them."""
+    check_choice(per_sample, PER_SAMPLE_ENGINES, "per_sample")
+    if per_sample == "func":
+        return None
+    probe = source.gather(torch.arange(min(PROBE_POINTS, len(source))))
+    engine = layer_engine(fm, *split_batch(fm, probe))
+    if engine is None and per_sample == "hooks":
+        missing = unsupported_layers(fm)
+        raise ValueError(
+            "per_sample='hooks' needs every trainable parameter in an nn.Linear, Conv2d, "
+            "BatchNorm (eval), LayerNorm, Embedding or Hugging Face Conv1D called once per "
+            "forward" + (f"; without a rule: {', '.join(missing[:10])}" if missing else
+                         " (a layer is called twice, or the self-check disagreed)")
+            + "; use per_sample='auto' or 'func'"
+        )
+    return engine

@@ -308,8 +308,9 @@ class CurvatureFitter:
         if "seed" in _solvers.accepted_options(o.solver):
             options.setdefault("seed", o.seed)  # LiSSA batches, Lanczos start vector
         timings = {}
-        request = self.request(subset, fm)  # the subset gathered once for both fits
+        request = None  # gathered once for both fits, and not at all for a kept curvature
         if isinstance(options.get("preconditioner"), str):
+            request = self.request(subset, fm)
             kind = curvature_kinds.build(options["preconditioner"], o.kronecker_options)
             options["preconditioner"] = kind.build(request)
             timings["preconditioner_fit_s"] = time.perf_counter() - t0

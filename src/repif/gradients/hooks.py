@@ -366,15 +366,12 @@ def _per_sample(m: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
     """Per-sample gradients of module ``m``'s parameters from its input ``a`` and output
     gradient ``g`` (both with the samples along dimension 0)."""
     b = a.shape[0]
-    if is_conv1d(m):  # y = x W + b with W (in, out): ∇W_i = Σ_t a_it g_itᵀ
+    if isinstance(m, nn.Linear) or is_conv1d(m):
+        # Linear: y = x Wᵀ + b, ∇W_i = Σ_t g_it a_itᵀ (out, in); HF Conv1D: y = x W + b with W
+        # (in, out), the same sum transposed
         a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
-        out = {"weight": torch.einsum("bti,bto->bio", a3, g3)}
-        if m.bias is not None:
-            out["bias"] = g3.sum(1)
-        return out
-    if isinstance(m, nn.Linear):
-        a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
-        out = {"weight": torch.einsum("bto,bti->boi", g3, a3)}
+        spec = "bti,bto->bio" if is_conv1d(m) else "bti,bto->boi"
+        out = {"weight": torch.einsum(spec, a3, g3)}
         if m.bias is not None:
             out["bias"] = g3.sum(1)
         return out

@@ -1,15 +1,8 @@
 """Deprecated alias of :mod:`repif.curvature.kfac`, where it moved.
 
-Importing it warns once and gives the same module; it will be removed in a later release (see
-the README's "Renamed modules").
+Importing it warns once and gives the same module; it will be removed in a later release.
 """
 
-import sys
-import warnings
+from repif._moved import alias
 
-import repif.curvature.kfac as _moved
-
-warnings.warn(
-    "repif.kfac moved to repif.curvature.kfac; import it from there (this alias will be removed)",
-    DeprecationWarning, stacklevel=2)
-sys.modules[__name__] = _moved
+alias(__name__, "repif.curvature.kfac")

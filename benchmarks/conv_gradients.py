@@ -4,11 +4,11 @@
 
 For every ``nn.Conv2d`` of a ResNet-18 of ``width`` on 1×size×size inputs, the layer's input
 and (random) output gradient for ``batch`` points are captured once; then both routes of
-:func:`repif.gradients.hooks._per_sample` run back to back, best of ``REPEATS``, and their
+:meth:`repif.layers.Conv2dRule.per_sample` run back to back, best of ``REPEATS``, and their
 answers are compared. Then the whole hook engine (every layer's per-sample gradients, streamed
 as the estimator does) with each route for every convolution and with the per-layer rule
 (``conv_gradient_mode="auto"``), against one batched forward+backward of the same points.
-The rule in :data:`repif.gradients.hooks.SLICES_MIN_POSITIONS` comes from the per-layer table.
+The rule in :data:`repif.layers.conv.SLICES_MIN_POSITIONS` comes from the per-layer table.
 Results: ``benchmarks/results/conv-gradients.json`` and ``.md``.
 """
 
@@ -55,7 +55,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    from repif.gradients import hooks as lg
+    from repif.gradients.hooks import layer_engine
+    from repif.layers import LayerBlock
+    from repif.layers import conv as lg
     from repif.models import ResNet18
     from repif.task import FunctionalModel
 
@@ -79,8 +81,10 @@ def main() -> None:
         times, answers = {}, {}
         for route in ("unfold", "slices"):
             lg.conv_gradient_mode = route
-            times[route] = best(lambda m=m, a=a, g=g: lg._per_sample(m, a, g))
-            answers[route] = lg._per_sample(m, a, g)["weight"]
+            block = LayerBlock(m, ("weight",), (0,), (m.weight.numel(),))
+            rule = lg.Conv2dRule()
+            times[route] = best(lambda b=block, a=a, g=g, r=rule: r.per_sample(b, a, g))
+            answers[route] = rule.per_sample(block, a, g)["weight"]
         lg.conv_gradient_mode = "auto"
         diff = float((answers["unfold"] - answers["slices"]).norm() / answers["unfold"].norm())
         row = {"layer": name, "in": m.in_channels, "out": m.out_channels,
@@ -92,7 +96,7 @@ def main() -> None:
         layers.append(row)
 
     fm = FunctionalModel(model)
-    engine = lg.layer_engine(fm, x[:2], y[:2])
+    engine = layer_engine(fm, x[:2], y[:2])
     assert engine is not None
 
     def one_pass() -> None:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from repif.gradients import hooks as layer_gradients
 from repif.gradients.hooks import conv_route, layer_engine
 from repif.gradients.streaming import per_sample_gradients
+from repif.layers import conv as conv_rule
 from repif.task import FunctionalModel
 
 
@@ -146,13 +146,13 @@ def test_engine_follows_the_cost_model(monkeypatch):
     engine = layer_engine(FunctionalModel(model), x[:2], y[:2])
     assert engine is not None and engine.conv_scores == "auto"
     calls = []
-    original = layer_gradients._conv_scores
+    original = conv_rule.conv_scores
 
     def spy(*args):
         calls.append(args[1].shape[0])
         return original(*args)
 
-    monkeypatch.setattr(layer_gradients, "_conv_scores", spy)
+    monkeypatch.setattr(conv_rule, "conv_scores", spy)
     p = engine.fm.space.size
     assert conv_route(model.conv, 144, 1) == "contract"
     assert conv_route(model.conv, 144, 50) == "materialise"

@@ -94,19 +94,22 @@ class Shared(nn.Module):
         return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
 
 
-class FreeParameter(nn.Module):
-    """A bare nn.Parameter outside any supported layer."""
+class TrainModeNorm(nn.Module):
+    """A BatchNorm in training mode: its statistics couple the points of a batch."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.ones(4))
+        self.norm = nn.BatchNorm1d(4)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x * self.scale)
+        return self.head(self.norm(x))
+
+    def eval(self):  # stays in training mode where the estimator asks for eval
+        return self
 
 
-@pytest.mark.parametrize("cls", [Shared, FreeParameter])
+@pytest.mark.parametrize("cls", [Shared])
 def test_ineligible_models_fall_back_and_still_agree(cls):
     torch.manual_seed(0)
     model = cls().double().eval()
@@ -117,10 +120,18 @@ def test_ineligible_models_fall_back_and_still_agree(cls):
     assert auto.cost.engine is None
     func = repif.InfluenceEstimator(model, (x, y), damping=0.1, per_sample="func")
     torch.testing.assert_close(auto.influence((x[:3], y[:3])), func.influence((x[:3], y[:3])))
-    with pytest.raises(ValueError, match="per_sample='hooks' needs") as info:
+    with pytest.raises(ValueError, match="per_sample='hooks' needs"):
         repif.InfluenceEstimator(model, (x, y), per_sample="hooks")
-    if cls is FreeParameter:  # the module without a rule is named
-        assert "without a rule: (model) (FreeParameter)" in str(info.value)
+
+
+def test_train_mode_batchnorm_is_refused_by_name():
+    torch.manual_seed(0)
+    model = TrainModeNorm().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    fm = FunctionalModel(model)
+    assert layer_engine(fm, x[:2], torch.zeros(2, dtype=torch.long)) is None
+    from repif.gradients.hooks import unsupported_layers
+    assert unsupported_layers(fm) == ["norm (BatchNorm1d)"]
 
 
 def test_hooks_and_func_give_the_same_influence(digits):
@@ -191,9 +202,9 @@ class _OneConv(nn.Module):
 def test_conv_weight_routes_match_torch_func(monkeypatch, route, conv):
     """Per-sample convolution gradients by unfolded patches and by shifted slices (and the
     per-layer rule choosing between them) against torch.func's vmap(grad)."""
-    from repif.gradients import hooks as layer_gradients
+    from repif.layers import conv as conv_rule
 
-    monkeypatch.setattr(layer_gradients, "conv_gradient_mode", route)
+    monkeypatch.setattr(conv_rule, "conv_gradient_mode", route)
     torch.manual_seed(0)
     x = torch.randn(5, conv["in_channels"], 9, 10, dtype=torch.float64)
     model = _OneConv(nn.Conv2d(**conv).double(), x).double().eval()

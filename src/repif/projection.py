@@ -50,14 +50,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repif.errors import CorruptFileError
-from repif.gradients.hooks import (
-    LayerBlock,
-    LayerGradientEngine,
-    _conv_weight_by_slices,
-    _per_sample,
-    conv_gradient_route,
-)
+from repif.gradients.hooks import LayerGradientEngine
 from repif.io import environment_metadata, load_tensors, save_tensors_atomic
+from repif.layers import LayerBlock
+from repif.layers.conv import conv_gradient_route, conv_weight_by_slices
 
 #: Score routes of :class:`~repif.estimator.InfluenceEstimator` (its ``scores=`` option):
 #: "exact" (every per-sample gradient, layer by layer) or "projected" (this module).
@@ -87,9 +83,22 @@ def _conv_weight(m: nn.Conv2d, a: Tensor, gp: Tensor) -> Tensor:
     b = a.shape[0]
     g4 = gp.unsqueeze(1)  # (b, 1, c, P)
     if conv_gradient_route(m, gp.shape[-1]) == "slices":
-        return _conv_weight_by_slices(m, a, g4).reshape(b, gp.shape[1], -1)
+        return conv_weight_by_slices(m, a, g4).reshape(b, gp.shape[1], -1)
     cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
     return gp @ cols.transpose(1, 2)
+
+
+def check_projection(scores: str, dim: int | None, basis: str) -> None:
+    """Check the estimator's ``scores``, ``projection_dim`` and ``projection_basis``."""
+    from repif.validation import check_choice
+
+    check_choice(scores, SCORE_METHODS, "scores")
+    if dim is not None and scores != "projected":
+        raise ValueError("projection_dim sets the dimension of scores='projected'; pass "
+                         "scores='projected' with it, or drop it")
+    check_choice(basis, PROJECTION_BASES, "projection_basis")
+    if dim is not None:
+        check_dim(dim)
 
 
 def check_dim(dim: Any) -> int:
@@ -115,11 +124,6 @@ def _digest(parts: list[Tensor]) -> str:
     from repif.curvature.kfac import _digest as digest
 
     return digest(parts)
-
-
-def _kronecker(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (
-        isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros")
 
 
 def _orthonormal_rows(n: int, d: int, seed: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -186,7 +190,7 @@ class KroneckerProjection:
         self.sides: list[_Side] = []
         for i, block in enumerate(engine.blocks):
             m = block.module
-            if not _kronecker(m):
+            if not block.rule.kronecker(m):
                 self.sides.append(_Side(block, None, None))
                 continue
             out = m.weight.shape[0]
@@ -244,31 +248,16 @@ class KroneckerProjection:
         (B_iᵀB_i = Λ_i, the task's factor of the output Hessian): one forward and C backward
         passes of the batch."""
         fm = self.engine.fm
-        acts: dict[nn.Module, Tensor] = {}
-        outs: dict[nn.Module, Tensor] = {}
-
-        def hook(module: nn.Module, ins: tuple, out: Tensor) -> None:
-            acts[module] = ins[0].detach()
-            outs[module] = out
-
-        handles = [s.block.module.register_forward_hook(hook) for s in self.sides]
-        try:
-            theta = fm.theta.detach().requires_grad_(True)
-            output = fm.output(theta, inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        output, acts, outs = self.engine.forward(lambda theta: fm.output(theta, inputs),
+                                                 weights.shape[0])
         with torch.no_grad():
             factor = fm.task.output_hessian_factor(output.detach(), targets)
             factor = factor * weights.clamp_min(0).sqrt().to(factor)[:, None, None]
-        modules = list(outs)
         rows = []
         for c in range(factor.shape[1]):
-            grads = torch.autograd.grad(output, [outs[m] for m in modules],
-                                        grad_outputs=factor[:, c, :],
-                                        retain_graph=c < factor.shape[1] - 1, allow_unused=True)
-            rows.append(self._project(acts, {m: (g if g is not None else torch.zeros_like(
-                outs[m])) for m, g in zip(modules, grads, strict=True)}))
+            grads = self.engine.backward(output, outs, factor[:, c, :],
+                                         retain_graph=c < factor.shape[1] - 1)
+            rows.append(self._project(acts, grads))
         return torch.cat(rows)
 
     def _project(self, acts: dict[nn.Module, Tensor], grads: dict[nn.Module, Tensor]) -> Tensor:
@@ -278,7 +267,7 @@ class KroneckerProjection:
             a, g = acts[m], grads[m]
             b = a.shape[0]
             if s.p_out is None:
-                named = _per_sample(m, a, g)
+                named = self.engine._named(s.block, a, g)
                 parts.append(torch.cat([named.pop(n).reshape(b, -1) for n in s.block.names], 1))
                 continue
             bias = "bias" in s.block.names

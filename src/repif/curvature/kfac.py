@@ -50,13 +50,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repif import distributed
 from repif.data import batch_len, take, to_device
 from repif.errors import CorruptFileError
 from repif.io import environment_metadata, load_tensors, save_tensors_atomic
+from repif.layers import LayerRule, rule_for
 from repif.memory import MemoryBudget
 from repif.progress import bar as progress_bar
 from repif.task import FunctionalModel
@@ -121,16 +121,22 @@ class KroneckerLayer:
         if self.bias_offset is not None:
             out[:, self.bias_offset : self.bias_offset + o] = m[:, :, dw]
 
+    @property
+    def rule(self) -> LayerRule:
+        rule = _kronecker_rule(self.module)
+        assert rule is not None, f"{self.name} is not a Kronecker layer"
+        return rule
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "type": type(self.module).__name__,
                 "weight_offset": self.weight_offset, "weight_shape": list(self.weight_shape),
                 "bias_offset": self.bias_offset}
 
 
-def _kronecker_type(m: nn.Module) -> bool:
-    if isinstance(m, nn.Conv2d):
-        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-    return isinstance(m, nn.Linear)
+def _kronecker_rule(m: nn.Module) -> LayerRule | None:
+    """The layer rule that factors ``m`` as G ⊗ A (:mod:`repif.layers`), or None."""
+    rule = rule_for(m)
+    return rule if rule is not None and rule.kronecker(m) else None
 
 
 def kronecker_layers(
@@ -159,7 +165,7 @@ def kronecker_layers(
         if not trainable:
             continue
         shared = any(owners[id(own[n])] > 1 for n in trainable)
-        if (_kronecker_type(m) and "weight" in trainable and not shared
+        if (_kronecker_rule(m) is not None and "weight" in trainable and not shared
                 and set(trainable) <= {"weight", "bias"}):
             w_off = offsets[full["weight"]][0]
             b_off = offsets[full["bias"]][0] if "bias" in trainable else None
@@ -214,27 +220,15 @@ def _capture(fm: FunctionalModel, layers: list[KroneckerLayer], inputs: Any
 
 
 def _inputs(layer: KroneckerLayer, a: Tensor) -> Tensor:
-    """(b, T, d) layer inputs ā over the T positions of each point, with the bias column of 1s:
-    a convolution's unfolded patches (channel-major, as its weight is flattened), a sequence's
-    tokens, or (T = 1) a plain vector."""
-    m, b = layer.module, a.shape[0]
-    if isinstance(m, nn.Conv2d):
-        a3 = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding,
-                      stride=m.stride).transpose(1, 2)
-    else:
-        a3 = a.reshape(b, -1, a.shape[-1])
-    if layer.bias_offset is not None:
-        a3 = torch.cat([a3, a3.new_ones(*a3.shape[:2], 1)], dim=2)
-    return a3
+    """(b, T, d) layer inputs ā over the T positions of each point, with the bias column of 1s
+    (the layer rule's :meth:`~repif.layers.LayerRule.kronecker_inputs`)."""
+    return layer.rule.kronecker_inputs(layer.module, a, layer.bias_offset is not None)
 
 
 def _grads(layer: KroneckerLayer, g: Tensor) -> Tensor:
     """(b, T, out) gradients with respect to the layer's outputs, positions in the order of
     :func:`_inputs`."""
-    b = g.shape[0]
-    if isinstance(layer.module, nn.Conv2d):
-        return g.reshape(b, g.shape[1], -1).transpose(1, 2)
-    return g.reshape(b, -1, g.shape[-1])
+    return layer.rule.kronecker_grads(layer.module, g)
 
 
 def _output_vectors(fm: FunctionalModel, output: Tensor, y: Any, root_w: Tensor, fisher: str,

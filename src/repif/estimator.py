@@ -20,9 +20,6 @@ Conventions (used everywhere in repif):
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -34,35 +31,19 @@ from repif import options as _options
 from repif import samplers as _samplers
 from repif import solvers as _solvers
 from repif.curvature import kinds as curvature_kinds
-from repif.curvature.operator import resolve_shrinkage
-from repif.data import DataSource
 from repif.fitting import CurvatureFitter, FitOptions, FittedCurvature
 from repif.gradients.hooks import choose_engine
-from repif.gradients.streaming import CostModel, split_batch
+from repif.gradients.streaming import CostModel
 from repif.memory import MemoryBudget
+from repif.preparation import copy_model, training_source
 from repif.projected_scores import ProjectedScoring
-from repif.projection import (
-    DEFAULT_PROJECTION_DIM,
-    PROJECTION_BASES,
-    SCORE_METHODS,
-    KroneckerProjection,
-    ProjectedCurvature,
-    check_dim,
-)
-from repif.recording import (
-    PoolStatistics,
-    check_statistics_targets,
-    module_digest,
-    recorded_statistics,
-)
+from repif.projection import check_projection
+from repif.recording import PoolStatistics, module_digest, resolve_statistics
 from repif.samplers import Pool, Subset
 from repif.scoring import Scoring
 from repif.task import FunctionalModel, Task
 from repif.unlearning import newton_removal
 from repif.validation import (
-    check_choice,
-    check_finite,
-    check_finite_number,
     check_indices,
 )
 
@@ -147,30 +128,10 @@ class InfluenceEstimator(Scoring, ProjectedScoring):
         **options: Any,
     ) -> None:
         kind = curvature_kinds.get(curvature)  # unknown names list the known ones
-        check_choice(scores, SCORE_METHODS, "scores")
-        if projection_dim is not None and scores != "projected":
-            raise ValueError("projection_dim sets the dimension of scores='projected'; pass "
-                             "scores='projected' with it, or drop it")
-        check_choice(projection_basis, PROJECTION_BASES, "projection_basis")
-        if projection_dim is not None:
-            check_dim(projection_dim)
         solver_options = _options.solver_options(solver, solver_options, options, batch_size)
-        check_finite_number(damping, "damping")
-        if not damping >= 0:
-            raise ValueError(f"damping must be ≥ 0, got {damping}; a typical value is 1e-3–1e-1")
-        if sample_size is not None and (isinstance(sample_size, bool) or sample_size <= 0):
-            raise ValueError(
-                f"sample_size must be a positive integer or None (whole pool), got {sample_size!r}"
-            )
-        if sample_size is not None:
-            shrink = resolve_shrinkage(shrinkage, int(sample_size))  # fails here, not at fit
-            if shrink and kind.kronecker:
-                raise ValueError(f"shrinkage applies to curvature='ggn', not {curvature!r}; "
-                                 "pass shrinkage=0")
-        if chunk_size is not None:
-            warnings.warn("chunk_size is deprecated: chunks are sized by max_memory; "
-                          "batch_size caps them", DeprecationWarning, stacklevel=2)
-            batch_size = batch_size or chunk_size
+        batch_size = _options.check_arguments(kind, curvature, damping, sample_size, shrinkage,
+                                              chunk_size, batch_size)
+        check_projection(scores, projection_dim, projection_basis)
         _solvers.build(solver, solver_options)  # unknown names or options fail here, not at fit
         kronecker_options = _options.check_kronecker(curvature, kind, solver, solver_options,
                                              kronecker_options)
@@ -180,67 +141,29 @@ class InfluenceEstimator(Scoring, ProjectedScoring):
         self.shrinkage = shrinkage
         self.solver_options = solver_options
         self.task = _options.resolve_task(task, weight_decay)
-        if solver == "eigen" and damping + self.task.weight_decay <= 0:
-            raise ValueError(
-                "solver 'eigen' needs damping + weight_decay > 0: a Kronecker factor of softmax "
-                "cross-entropy is singular (the output layer's G has the all-ones null "
-                "direction: shifting every logit together leaves the loss unchanged), so λ = 0 "
-                "would fail after the fit; pass damping > 0, e.g. 1e-3 × the curvature's scale")
+        _options.check_eigen_damping(solver, damping, self.task.weight_decay)
         self.progress = progress
 
-        params = list(model.parameters())
-        dev = torch.device(device) if device is not None else (
-            params[0].device if params else torch.device("cpu")
-        )
-        self.model = copy.deepcopy(model).to(dev).eval()
-        distributed.broadcast_module(self.model)  # over several processes: rank 0's weights
-        for name, p in self.model.named_parameters():
-            check_finite(p.detach(), f"model parameter {name!r}")
+        self.model = copy_model(model, device)
         self.fm = FunctionalModel(self.model, self.task)
-        self.budget = MemoryBudget.resolve(max_memory, dev)
-        self.source = DataSource(train, collate_fn=collate_fn, batch_size=batch_size,
-                                 num_workers=num_workers)
-        if self.source.tensors is not None:
-            check_finite(self.source.tensors[0], "training inputs")
-        distributed.check_agree("training data", self.source.fingerprint())
+        self.budget = MemoryBudget.resolve(max_memory, self.fm.device)
+        self.source, self.output_dim, inputs = training_source(
+            self.fm, train, collate_fn=collate_fn, batch_size=batch_size,
+            num_workers=num_workers)
         distributed.check_agree("estimator options", _options.options_fingerprint(
             curvature, damping, solver, solver_options, sampler, sampler_options, sample_size,
             seed, shrinkage, self.task.weight_decay, kronecker_options, candidates))
-        inputs, targets = split_batch(self.fm, self.source.first())
-        self.output_dim = self.fm.output_dim(inputs)  # a model that fails on the data: one error
-        if self.source.tensors is not None and type(self.task).split is Task.split:
-            self.task.check_targets(self.source.tensors[-1], self.output_dim)
-        else:
-            self.task.check_targets(targets, self.output_dim)
-        self.fm.check_task(inputs, targets)  # one loss per point, finite: else one error
         self.source.validate = self._validate_batch
         self.cost = CostModel(self.fm, inputs, choose_engine(self.fm, self.source, per_sample))
-        self.scores = scores
-        self._projection: KroneckerProjection | None = None
-        self._projected_curvature: ProjectedCurvature | None = None
-        if scores == "projected":
-            if self.cost.engine is None:
-                raise ValueError(
-                    "scores='projected' works from each layer's inputs and output gradients: it "
-                    "needs the hook engine (every trainable parameter in an nn.Linear, Conv2d, "
-                    "BatchNorm (eval), LayerNorm or Embedding called once per forward, and "
-                    "per_sample='auto' or 'hooks'); use scores='exact'"
-                )
-            self._projection_spec = (DEFAULT_PROJECTION_DIM if projection_dim is None
-                                     else projection_dim, projection_basis)
+        self._setup_projection(scores, projection_dim, projection_basis)
         options = FitOptions(curvature, float(damping), solver, dict(solver_options),
                              self.sampler, sample_size, seed, shrinkage, kronecker_options,
                              _options.check_candidates(candidates))
         self.fitter = CurvatureFitter(self.fm, self.source, options, self.budget, self.cost,
                                       self.output_dim, progress=progress)
-        if pool_statistics is None:
-            pool_statistics = recorded_statistics(model, self.n_train)
-        elif isinstance(pool_statistics, PoolStatistics):
-            pool_statistics.check_model(model)
-        if pool_statistics is not None:
-            self.fitter.use_statistics(tuple(pool_statistics))
-            check_statistics_targets(pool_statistics[2],
-                                     self.fitter.cheap_labels(torch.arange(self.n_train)))
+        statistics = resolve_statistics(pool_statistics, model, self.n_train)
+        if statistics is not None:
+            self.fitter.use_statistics(statistics)
         self._fitted: FittedCurvature | None = None
 
     # ------------------------------------------------------------------ fitting
@@ -285,19 +208,8 @@ class InfluenceEstimator(Scoring, ProjectedScoring):
         eigendecomposition are not recomputed; an exact curvature's solver refactorises). Also
         after a fit whose solver refused the old damping: the next fit reuses what was fitted.
         Returns self."""
-        check_finite_number(damping, "damping")
-        if not damping >= 0:
-            raise ValueError(f"damping must be ≥ 0, got {damping}; a typical value is 1e-3–1e-1")
-        self.damping = float(damping)
-        self.fitter.options = dataclasses.replace(self.fitter.options, damping=float(damping))
-        if self._fitted is not None:
-            subset, timings = self._fitted.subset, self._fitted.timings
-            prepared = self.fitter.prepare(subset)
-            self._fitted = FittedCurvature(subset, prepared.solver,
-                                           {**timings, **prepared.timings})
-        elif self.fitter.kept is not None:  # a fit whose solver failed: finish it now
-            subset = self.fitter.kept[0]
-            self._fitted = self.fitter.prepare(subset)
+        self.damping = _options.check_damping(damping)
+        self._fitted = self.fitter.with_damping(self.damping, self._fitted)
         return self
 
     def draw(self, pool: Tensor | None = None) -> FittedCurvature:

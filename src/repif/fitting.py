@@ -28,7 +28,7 @@ from repif.data import DataSource, to_device
 from repif.gradients.streaming import CostModel, split_batch
 from repif.memory import MemoryBudget
 from repif.progress import bar as progress_bar
-from repif.recording import PoolStatistics
+from repif.recording import PoolStatistics, check_statistics_targets
 from repif.samplers import Pool, Subset
 from repif.task import FunctionalModel, Task
 from repif.validation import check_indices
@@ -128,7 +128,9 @@ class CurvatureFitter:
     def use_statistics(self, statistics: PoolStatistics | tuple[Tensor, Tensor, Tensor]) -> None:
         """Serve later pool statistics from ``statistics`` (logits, features, targets of all
         ``n_train`` points, in training order, at the parameters this fitter was built with:
-        what :meth:`pool_statistics` of all points returns) instead of a pass over the data."""
+        what :meth:`pool_statistics` of all points returns) instead of a pass over the data.
+        Statistics whose targets differ from the training targets (where those are known
+        without a pass) are refused: they were made on other data."""
         if isinstance(statistics, PoolStatistics):
             statistics = tuple(statistics)
         if not (isinstance(statistics, (tuple, list)) and len(statistics) == 3
@@ -143,7 +145,22 @@ class CurvatureFitter:
                 f"{self.output_dim}) logits and {self.n_train} rows of features and targets, got "
                 f"shapes {[tuple(t.shape) for t in statistics]}"
             )
+        check_statistics_targets(targets, self.cheap_labels(torch.arange(self.n_train)))
         self.statistics = (logits.cpu(), feats.cpu(), targets.cpu())
+
+    def with_damping(self, damping: float, fitted: FittedCurvature | None
+                     ) -> FittedCurvature | None:
+        """Use λ = ``damping`` from now on, keeping the fitted curvature: the solver is
+        prepared again on ``fitted``'s subset and curvature (or, after a fit whose solver
+        refused the old damping, on what that fit kept); None when nothing was fitted."""
+        self.options = dataclasses.replace(self.options, damping=float(damping))
+        if fitted is not None:
+            prepared = self.prepare(fitted.subset)
+            return FittedCurvature(fitted.subset, prepared.solver,
+                                   {**fitted.timings, **prepared.timings})
+        if self.kept is not None:  # a fit whose solver failed: finish it now
+            return self.prepare(self.kept[0])
+        return None
 
     @property
     def task(self) -> Task:

@@ -7,10 +7,12 @@ and its weight decay, and the text every process must agree on (docs/design.md,
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 from repif import solvers as _solvers
 from repif.curvature import kinds as curvature_kinds
+from repif.curvature.operator import resolve_shrinkage
 from repif.task import ClassificationTask, Task
 from repif.validation import check_finite_number
 
@@ -106,3 +108,43 @@ def resolve_task(task: Task | None, weight_decay: float | None) -> Task:
         check_finite_number(weight_decay, "weight_decay")
         task.weight_decay = float(weight_decay)
     return task
+
+
+def check_damping(damping: Any) -> float:
+    check_finite_number(damping, "damping")
+    if not damping >= 0:
+        raise ValueError(f"damping must be ≥ 0, got {damping}; a typical value is 1e-3–1e-1")
+    return float(damping)
+
+
+def check_arguments(kind: type[curvature_kinds.CurvatureKind], curvature: str, damping: Any,
+                    sample_size: Any, shrinkage: Any, chunk_size: int | None,
+                    batch_size: int | None) -> int | None:
+    """Check the estimator's scalar arguments before anything is built (each error names the
+    value and the fix); returns the batch size, with the deprecated ``chunk_size`` folded in."""
+    check_damping(damping)
+    if sample_size is not None and (isinstance(sample_size, bool) or sample_size <= 0):
+        raise ValueError(
+            f"sample_size must be a positive integer or None (whole pool), got {sample_size!r}"
+        )
+    if sample_size is not None:
+        shrink = resolve_shrinkage(shrinkage, int(sample_size))  # fails here, not at fit
+        if shrink and kind.kronecker:
+            raise ValueError(f"shrinkage applies to curvature='ggn', not {curvature!r}; "
+                             "pass shrinkage=0")
+    if chunk_size is not None:
+        warnings.warn("chunk_size is deprecated: chunks are sized by max_memory; "
+                      "batch_size caps them", DeprecationWarning, stacklevel=3)
+        batch_size = batch_size or chunk_size
+    return batch_size
+
+
+def check_eigen_damping(solver: str, damping: float, weight_decay: float) -> None:
+    """``solver="eigen"`` inverts Kronecker factors, which are singular for softmax
+    cross-entropy: λ + wd must be positive, or the solve fails after the (long) fit."""
+    if solver == "eigen" and damping + weight_decay <= 0:
+        raise ValueError(
+            "solver 'eigen' needs damping + weight_decay > 0: a Kronecker factor of softmax "
+            "cross-entropy is singular (the output layer's G has the all-ones null "
+            "direction: shifting every logit together leaves the loss unchanged), so λ = 0 "
+            "would fail after the fit; pass damping > 0, e.g. 1e-3 × the curvature's scale")

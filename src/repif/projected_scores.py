@@ -17,6 +17,7 @@ from repif import distributed
 from repif.data import DataSource, take
 from repif.gradients.streaming import split_batch
 from repif.projection import (
+    DEFAULT_PROJECTION_DIM,
     KroneckerProjection,
     ProjectedCurvature,
     ProjectedGradients,
@@ -39,6 +40,21 @@ class ProjectedScoring:
     _projection_spec: tuple[int, str]
     seed: int
     weight_decay: float
+
+    def _setup_projection(self, scores: str, dim: int | None, basis: str) -> None:
+        """Record the score route; the projection itself is built on first use."""
+        self.scores = scores
+        self._projection = None
+        self._projected_curvature = None
+        if scores == "projected":
+            if self.cost.engine is None:
+                raise ValueError(
+                    "scores='projected' works from each layer's inputs and output gradients: it "
+                    "needs the hook engine (per_sample='auto' or 'hooks', and a model it takes: "
+                    "no parameter shared between modules, no layer called twice, BatchNorm in "
+                    "eval mode); use scores='exact'"
+                )
+            self._projection_spec = (DEFAULT_PROJECTION_DIM if dim is None else dim, basis)
 
     @property
     def projection(self) -> KroneckerProjection | None:

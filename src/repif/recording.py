@@ -168,6 +168,18 @@ def recorded_statistics(model: nn.Module, n_train: int) -> PoolStatistics | None
     return recorded
 
 
+def resolve_statistics(given: PoolStatistics | tuple | None, model: nn.Module, n_train: int
+                       ) -> PoolStatistics | tuple | None:
+    """The statistics an estimator of ``model`` uses: ``given`` (a :class:`PoolStatistics` is
+    checked against the model's weights), else those recorded during training
+    (:func:`recorded_statistics`), else None."""
+    if given is None:
+        return recorded_statistics(model, n_train)
+    if isinstance(given, PoolStatistics):
+        given.check_model(model)
+    return given
+
+
 def check_statistics_targets(targets: Tensor, training_targets: Tensor | None) -> None:
     """Statistics of other data (same size, other points) would silently steer the sampler:
     their (n,) ``targets`` must equal the ``training_targets`` where those are at hand (None:

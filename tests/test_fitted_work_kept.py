@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import repif
-from repif.curvature import kfac
+from repif.curvature import kfac, kronecker_cache
 from repif.errors import SolverDivergedError
 
 KW = dict(curvature="ekfac", solver="eigen", sampler="random", sample_size=64, seed=0)
@@ -73,10 +73,10 @@ def test_a_long_fit_is_kept_in_the_default_cache(digits_mlp, fits, monkeypatch, 
     fit is not stored; cache_dir=False never reads or writes."""
     model, train, _ = digits_mlp
     monkeypatch.setenv(kfac.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(kfac, "LONG_FIT_S", 1e9)  # every fit "short": nothing stored
+    monkeypatch.setattr(kronecker_cache, "LONG_FIT_S", 1e9)  # every fit "short": nothing stored
     first = repif.InfluenceEstimator(model, train, **KW).fit()
     assert not list(tmp_path.iterdir()) and len(fits) == 1
-    monkeypatch.setattr(kfac, "LONG_FIT_S", 0.0)  # every fit "long": stored
+    monkeypatch.setattr(kronecker_cache, "LONG_FIT_S", 0.0)  # every fit "long": stored
     repif.InfluenceEstimator(model, train, **KW).fit()
     assert len(list(tmp_path.glob("*.safetensors"))) == 1 and len(fits) == 2
     again = repif.InfluenceEstimator(model, train, **KW).fit()

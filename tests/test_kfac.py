@@ -24,7 +24,7 @@ from _kronecker_reference import hand_factors
 from torch import nn
 
 import repif
-from repif.curvature import kfac
+from repif.curvature import kfac, kronecker_passes
 from repif.curvature.operator import CurvatureOperator
 from repif.errors import CorruptFileError, TooLargeError
 from repif.io import load_tensors, save_tensors_atomic
@@ -474,8 +474,8 @@ def test_budget_sizes_the_factor_passes(digits_mlp):
     big = kfac.kronecker_statistics(fm, x, y, w, layers, budget=repif.MemoryBudget(2**30))
     small = kfac.kronecker_statistics(fm, x, y, w, layers,
                                       budget=repif.MemoryBudget(fixed + 2**16))
-    assert kfac._chunk_rows(fm, layers, x, repif.MemoryBudget(fixed + 2**16), fixed, True,
-                            100) < 100
+    assert kronecker_passes._chunk_rows(fm, layers, x, repif.MemoryBudget(fixed + 2**16),
+                                        fixed, True, 100) < 100
     for a, b in zip(big[0] + big[1], small[0] + small[1], strict=True):
         assert _rel(a, b) < 1e-13
     with pytest.raises(TooLargeError, match="other_layers"):
@@ -494,21 +494,21 @@ def test_corrections_chunks_count_every_layers_unfolded_inputs(monkeypatch):
     layers, _ = kfac.kronecker_layers(fm)
     fixed = kfac.factor_bytes(fm, layers)
     budget = repif.MemoryBudget(fixed + 2**22)
-    setup = kfac._setup(fm, x, y, torch.full((64,), 1 / 64, dtype=torch.float64), layers,
-                        "sampled", budget, 0, corrections=True)
+    setup = kronecker_passes._setup(fm, x, y, torch.full((64,), 1 / 64, dtype=torch.float64),
+                                    layers, "sampled", budget, 0, corrections=True)
     assert 1 < setup.rows < 64
     sizes: list[int] = []
-    unfold = kfac._inputs
+    unfold = kronecker_passes._inputs
 
     def recorded(layer, a):
         out = unfold(layer, a)
         sizes.append(out.numel() * out.element_size())
         return out
 
-    monkeypatch.setattr(kfac, "_inputs", recorded)
+    monkeypatch.setattr(kronecker_passes, "_inputs", recorded)
     bases = [(torch.eye(layer.d, dtype=torch.float64),
               torch.eye(layer.out, dtype=torch.float64)) for layer in layers]
-    kfac._corrections(fm, layers, setup, bases)
+    kronecker_passes._corrections(fm, layers, setup, bases)
     per_chunk = [sum(sizes[i : i + len(layers)]) for i in range(0, len(sizes), len(layers))]
     assert len(per_chunk) == -(-64 // setup.rows)
     assert max(per_chunk) <= budget.bytes - fixed

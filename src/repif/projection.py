@@ -121,7 +121,7 @@ def eigen_bases(fm: Any, x: Any, y: Any, weights: Tensor, budget: Any
 
 
 def _digest(parts: list[Tensor]) -> str:
-    from repif.curvature.kfac import _digest as digest
+    from repif.curvature.kronecker_cache import _digest as digest
 
     return digest(parts)
 
@@ -208,7 +208,7 @@ class KroneckerProjection:
 
     def describe(self) -> dict[str, Any]:
         """What the projected coordinates depend on (stored beside saved gradients)."""
-        from repif.curvature.kfac import model_digest
+        from repif.curvature.kronecker_cache import model_digest
 
         mats = [t for s in self.sides if s.p_out is not None for t in (s.p_out, s.p_in)]
         return {"format": FORMAT, "dim": self.dim, "seed": self.seed, "size": self.size,

@@ -11,8 +11,8 @@
   "identity", "frozen"), ``weight_sharing`` ("expand", or "reduce": K-FAC-reduce, outer products
   after summing a layer's positions) and ``cache_dir`` (factors stored as safetensors, reused
   when their metadata match; None, the default: fits that took longer than
-  :data:`~repif.curvature.kfac.LONG_FIT_S` are kept in the default cache,
-  :func:`~repif.curvature.kfac.default_cache_dir`, so an error after them loses nothing;
+  :data:`~repif.curvature.kronecker_cache.LONG_FIT_S` are kept in the default cache,
+  :func:`~repif.curvature.kronecker_cache.default_cache_dir`, so an error after them loses nothing;
   False: never cached). See docs/design.md, "Kronecker factors".
 
 A kind is a small class with a ``name`` (registering it), its options as keyword arguments
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from repif.curvature import kfac
+from repif.curvature import kronecker_cache as cache
 from repif.curvature.operator import CurvatureOperator
 from repif.memory import MemoryBudget
 from repif.registry import Registry
@@ -130,8 +131,8 @@ class KFAC(CurvatureKind):
             "kind": self.name, "fisher": self.fisher, "other_layers": self.other_layers,
             # recorded only when not the default, so factors cached before the option stay valid
             **({"weight_sharing": self.weight_sharing} if self.weight_sharing != "expand" else {}),
-            "model": kfac.model_digest(fm), "data": kfac.data_fingerprint(x, y),
-            "subset": kfac._digest([subset.indices, subset.weights]),
+            "model": cache.model_digest(fm), "data": cache.data_fingerprint(x, y),
+            "subset": cache._digest([subset.indices, subset.weights]),
             "sampler": "prior" if r.prior else (
                 r.sampler if r.sampler is not None else "whole pool"),
             "sampler_options": {} if r.prior else _plain(r.sampler_options),
@@ -140,9 +141,9 @@ class KFAC(CurvatureKind):
             "dtype": str(fm.dtype), "device": fm.device.type,
         }
         if self.cache_dir is None:  # the default cache: read always, write only long fits
-            return kfac.load_or_fit(kfac.default_cache_dir(), meta, fm, fit, r.budget,
-                                    save_after_s=kfac.LONG_FIT_S)
-        return kfac.load_or_fit(self.cache_dir, meta, fm, fit, r.budget)
+            return cache.load_or_fit(cache.default_cache_dir(), meta, fm, fit, r.budget,
+                                     save_after_s=cache.LONG_FIT_S)
+        return cache.load_or_fit(self.cache_dir, meta, fm, fit, r.budget)
 
 
 class EKFAC(KFAC):

@@ -22,6 +22,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from repif.data import Batch, batch_len
+from repif.modules import forward_hooks
 from repif.params import ParameterSpace
 from repif.validation import check_finite_number, check_labels
 
@@ -332,13 +333,9 @@ class FunctionalModel:
                 total[0] += out.numel()
 
         leaves = [m for m in self.model.modules() if not list(m.children())]
-        handles = [m.register_forward_hook(count) for m in leaves]
-        try:
+        with forward_hooks(leaves, count):
             first = tree_map(lambda t: t[:1] if isinstance(t, Tensor) else t, inputs)
             out = self.output(self.theta, first)
-        finally:
-            for h in handles:
-                h.remove()
         return max(total[0], out.numel())
 
     def sample_fn(self, measure: str = "loss") -> Callable[[Tensor, Any, Any], Tensor]:
@@ -357,13 +354,9 @@ class FunctionalModel:
         """(n, C) outputs and (n, d) penultimate features at the current parameters."""
         captured: list[Tensor] = []
         module = self.task.feature_module(self.model)
-        handle = module.register_forward_hook(
-            lambda _m, ins, _o: captured.append(ins[0].detach().flatten(1))
-        )
-        try:
+        with forward_hooks([module], lambda _m, ins, _o: captured.append(
+                ins[0].detach().flatten(1))):
             out = self.output(self.theta, inputs)
-        finally:
-            handle.remove()
         return out, captured[0]
 
 

@@ -17,6 +17,7 @@ from repif import distributed
 from repif.curvature.kronecker_layers import FISHER_MODES, WEIGHT_SHARING, KroneckerLayer
 from repif.data import batch_len, take, to_device
 from repif.memory import MemoryBudget
+from repif.modules import forward_hooks
 from repif.progress import bar as progress_bar
 from repif.task import FunctionalModel
 from repif.validation import check_choice
@@ -42,13 +43,8 @@ def _capture(fm: FunctionalModel, layers: list[KroneckerLayer], inputs: Any
         acts[module] = ins[0].detach()
         outs[module] = out
 
-    handles = [layer.module.register_forward_hook(hook) for layer in layers]
-    try:
-        theta = fm.theta.detach().requires_grad_(True)
-        output = fm.output(theta, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks([layer.module for layer in layers], hook):
+        output = fm.output(fm.theta.detach().requires_grad_(True), inputs)
     return output, acts, outs
 
 
@@ -118,13 +114,8 @@ def _layer_shapes(fm: FunctionalModel, layers: list[KroneckerLayer], x: Any
         layer = by_module[module]
         shapes[module] = (max(1, out[:1].numel() // layer.out), layer.d, layer.out)
 
-    handles = [layer.module.register_forward_hook(hook) for layer in layers]
-    try:
-        with torch.no_grad():
-            fm.output(fm.theta, take(x, slice(0, 1)))
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks([layer.module for layer in layers], hook), torch.no_grad():
+        fm.output(fm.theta, take(x, slice(0, 1)))
     return list(shapes.values())
 
 

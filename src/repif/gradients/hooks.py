@@ -36,6 +36,7 @@ from repif.layers.conv import (  # noqa: F401  (names kept importable from here)
     conv_gradient_route,
     conv_route,
 )
+from repif.modules import forward_hooks
 from repif.task import FunctionalModel
 from repif.validation import check_choice
 
@@ -96,12 +97,8 @@ class LayerGradientEngine:
                                                                        out, n)
             return passed
 
-        handles = [b.module.register_forward_hook(fwd, with_kwargs=True) for b in self.blocks]
-        try:
+        with forward_hooks([b.module for b in self.blocks], fwd, with_kwargs=True):
             value = run(self.fm.theta.detach().requires_grad_(True))
-        finally:
-            for h in handles:
-                h.remove()
         return value, acts, outs
 
     @staticmethod
@@ -202,15 +199,10 @@ def _offsets(fm: FunctionalModel) -> dict[str, tuple[int, int]]:
 def _call_counts(fm: FunctionalModel, inputs: Any) -> dict[nn.Module, int]:
     """How often each module is called in one no-grad forward on ``inputs``."""
     calls: dict[nn.Module, int] = {}
-    handles = [m.register_forward_hook(
-        lambda m, _i, _o: calls.__setitem__(m, calls.get(m, 0) + 1))
-        for m in fm.model.modules()]
-    try:
-        with torch.no_grad():
-            fm.output(fm.theta, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks(fm.model.modules(),
+                       lambda m, _i, _o: calls.__setitem__(m, calls.get(m, 0) + 1)), \
+            torch.no_grad():
+        fm.output(fm.theta, inputs)
     return calls
 
 
@@ -335,13 +327,8 @@ def _workspace_numel(fm: FunctionalModel, blocks: list[LayerBlock], inputs: Any)
         sizes.append(rules[m].workspace(m, a))
 
     first = tree_map(lambda t: t[:1] if isinstance(t, Tensor) else t, inputs)
-    handles = [b.module.register_forward_hook(measure, with_kwargs=True) for b in blocks]
-    try:
-        with torch.no_grad():
-            fm.output(fm.theta, first)
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks([b.module for b in blocks], measure, with_kwargs=True), torch.no_grad():
+        fm.output(fm.theta, first)
     return max(sizes) if sizes else 0
 
 

@@ -102,7 +102,8 @@ class KFAC(CurvatureKind):
     kronecker = True
 
     def __init__(self, fisher: str = "exact", other_layers: str = "error",
-                 cache_dir: str | bool | None = None, weight_sharing: str = "expand") -> None:
+                 cache_dir: str | bool | None = None, weight_sharing: str = "expand",
+                 eigh_dtype: str = "float64") -> None:
         if not (cache_dir is None or cache_dir is False
                 or isinstance(cache_dir, (str, os.PathLike))):
             raise ValueError(f"cache_dir must be a directory, None (keep long fits in the "
@@ -110,8 +111,9 @@ class KFAC(CurvatureKind):
         check_choice(fisher, kfac.FISHER_MODES, "fisher")
         check_choice(other_layers, kfac.OTHER_LAYERS, "other_layers")
         check_choice(weight_sharing, kfac.WEIGHT_SHARING, "weight_sharing")
+        check_choice(eigh_dtype, tuple(kfac.EIGH_DTYPES), "eigh_dtype")
         self.fisher, self.other_layers, self.cache_dir = fisher, other_layers, cache_dir
-        self.weight_sharing = weight_sharing
+        self.weight_sharing, self.eigh_dtype = weight_sharing, eigh_dtype
 
     def build(self, request: CurvatureRequest) -> kfac.KroneckerCurvature:
         """The factors on the request's subset; a Woodbury prior's fit (``request.prior``) is
@@ -123,7 +125,8 @@ class KFAC(CurvatureKind):
             return kfac.fit_kronecker(fm, x, y, subset.weights, kind=str(self.name),
                                       fisher=self.fisher, other_layers=self.other_layers,
                                       budget=r.budget, seed=seed, progress=r.progress,
-                                      weight_sharing=self.weight_sharing)
+                                      weight_sharing=self.weight_sharing,
+                                      eigh_dtype=self.eigh_dtype)
 
         if self.cache_dir is False:
             return fit()
@@ -131,6 +134,7 @@ class KFAC(CurvatureKind):
             "kind": self.name, "fisher": self.fisher, "other_layers": self.other_layers,
             # recorded only when not the default, so factors cached before the option stay valid
             **({"weight_sharing": self.weight_sharing} if self.weight_sharing != "expand" else {}),
+            **({"eigh_dtype": self.eigh_dtype} if self.eigh_dtype != "float64" else {}),
             "model": cache.model_digest(fm), "data": cache.data_fingerprint(x, y),
             "subset": cache._digest([subset.indices, subset.weights]),
             "sampler": "prior" if r.prior else (

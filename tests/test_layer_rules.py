@@ -173,3 +173,37 @@ def test_a_users_rule_wins_over_the_built_in():
     assert "counting-linear" not in names()
     register(LinearRule())  # re-registering a built-in keeps one of it
     assert names().count("linear") == 1
+
+
+class MyScale(nn.Module):
+    """y = x ⊙ weight: the custom layer of the documentation's rule example."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def test_the_documented_custom_rule_replaces_the_generic_one():
+    from repif.layers import LayerRule, base
+
+    class ScaleRule(LayerRule):
+        name = "my-scale"
+        types = (MyScale,)
+
+        def parameters(self, m):
+            return ("weight",)
+
+        def per_sample(self, block, a, g, state=None):
+            return {"weight": (a * g).reshape(a.shape[0], -1, a.shape[-1]).sum(1)}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), MyScale(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    try:
+        _check(model.eval(), x, y, [])  # a closed form now: no generic block
+    finally:
+        base._RULES[:] = [r for r in rules() if r.name != "my-scale"]
+    _check(model.eval(), x, y, ["1 (MyScale)"])  # without it: the generic rule

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +26,9 @@ from torch import nn
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "conv-gradients.json"
 REPORT = HERE / "results" / "conv-gradients.md"
-REPEATS = 3
-
-
-def best(fn: Any) -> float:
-    times = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def _once(fn: Any) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+sys.path.insert(0, str(HERE))
+from _timing import REPEATS, best  # noqa: E402
+from _timing import once as _once  # noqa: E402
 
 
 def main() -> None:

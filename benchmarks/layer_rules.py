@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +34,8 @@ from torch import nn
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "layer-rules.json"
 REPORT = HERE / "results" / "layer-rules.md"
-REPEATS = 3
-
-
-def best(fn: Any) -> float:
-    times = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+sys.path.insert(0, str(HERE))
+from _timing import REPEATS, best  # noqa: E402
 
 
 class EncoderClassifier(nn.Module):

@@ -33,11 +33,13 @@ def _per_position(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 class LinearRule(LayerRule):
     name = "linear"
     types = (nn.Linear,)
+    #: The per-sample weight gradient Σ_t over positions, in the weight's (out, in) layout.
+    weight_spec = "bti,bto->boi"
 
     def per_sample(self, block: LayerBlock, a: Tensor, g: Tensor, state=None
                    ) -> dict[str, Tensor]:
         a3, g3 = _per_position(a, g)
-        out = {"weight": torch.einsum("bti,bto->boi", a3, g3)}
+        out = {"weight": torch.einsum(self.weight_spec, a3, g3)}
         if block.module.bias is not None:
             out["bias"] = g3.sum(1)
         return out
@@ -72,18 +74,20 @@ class LinearRule(LayerRule):
         return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
-class Conv1DRule(LayerRule):
-    """Hugging Face's ``Conv1D``: ∇W_i = Σ_t a_it g_itᵀ (in, out)."""
+class Conv1DRule(LinearRule):
+    """Hugging Face's ``Conv1D``: ∇W_i = Σ_t a_it g_itᵀ, the weight being (in, out). Its
+    scores and Kronecker statistics are not specialised (it is scored by materialising)."""
 
     name = "hf-conv1d"
+    types = ()
+    weight_spec = "bti,bto->bio"
 
     def matches(self, m: nn.Module) -> bool:
         return is_conv1d(m)
 
-    def per_sample(self, block: LayerBlock, a: Tensor, g: Tensor, state=None
-                   ) -> dict[str, Tensor]:
-        a3, g3 = _per_position(a, g)
-        out = {"weight": torch.einsum("bti,bto->bio", a3, g3)}
-        if block.module.bias is not None:
-            out["bias"] = g3.sum(1)
-        return out
+    def scores(self, block: LayerBlock, factors: Tensor, a: Tensor, g: Tensor, workspace: int,
+               route: str = "auto") -> None:
+        return None
+
+    def kronecker(self, m: nn.Module) -> bool:
+        return False

@@ -10,12 +10,19 @@ It reads the cells that ``benchmarks/lds.py`` wrote (run those first: the comman
 with the best mean for that (method, m) among those tried (chosen on the test points, as dattri
 and ``benchmarks/lds.py`` do); error bars are the standard error over seeds (sd/√seeds). A
 deterministic sampler (``first``) has one seed and no bar.
+
+Held-out λ: the same numbers with the damping chosen without the points it is scored on. The
+test points are split into two seeded halves; λ is picked on one half and the LDS read on the
+other, both ways round, and the two readings averaged (2-fold cross-validation over the
+queries, from the per-test-point LDS the cells store; no retraining). Where a row tried one
+damping only, both choices agree.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import random
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -81,6 +88,34 @@ REFERENCES = ["ggn:direct", "kfac:eigen", "ekfac:eigen", "grad-dot"]
 BASELINE_SAMPLERS = ("random", "first")
 
 
+#: Seed of the split of the test points into two halves for the held-out choice of λ.
+SPLIT_SEED = 0
+
+
+def _half_mean(per_test: list, idx: list[int]) -> float:
+    vals = [per_test[i] for i in idx if per_test[i] is not None and math.isfinite(per_test[i])]
+    return fmean(vals) if vals else float("nan")
+
+
+def held_out(by_d: dict[float, list[tuple[int, list]]], n_test: int) -> dict:
+    """LDS with λ chosen on one half of the test points and read on the other, both ways
+    (module doc): mean, standard error over seeds and the two dampings chosen."""
+    perm = random.Random(SPLIT_SEED).sample(range(n_test), n_test)
+    halves = (perm[: n_test // 2], perm[n_test // 2:])
+
+    def score(d: float, h: int) -> float:
+        return fmean(_half_mean(pt, halves[h]) for _, pt in by_d[d])
+
+    chosen = [max(by_d, key=lambda d, h=h: score(d, h)) for h in (0, 1)]
+    # per seed: (read on half 1 at the λ chosen on half 0 + read on half 0 at half 1's λ) / 2
+    at = [{seed: _half_mean(pt, halves[1 - h]) for seed, pt in by_d[chosen[h]]} for h in (0, 1)]
+    seeds = sorted(set(at[0]) & set(at[1]))
+    vals = [(at[0][s] + at[1][s]) / 2 for s in seeds]
+    se = stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else 0.0
+    return {"mean": fmean(vals), "se": se, "seeds": len(vals),
+            "dampings": [f"{d:g}" for d in chosen]}
+
+
 def _split(method: str) -> tuple[str, str | None]:
     body, at, sampler = method.partition("@")
     return body, (sampler if at else None)
@@ -91,9 +126,12 @@ def curves(results: dict) -> tuple[dict, dict]:
     references[method] = {score, se, damping} at its best damping."""
     cells: dict[tuple[str, int], dict[float, list[float]]] = defaultdict(lambda: defaultdict(
         list))
+    per_test: dict[tuple[str, int], dict[float, list]] = defaultdict(lambda: defaultdict(list))
     for c in results["cells"]:
         if c["score"] is not None and math.isfinite(c["score"]):
-            cells[(c["method"], c["sample_size"])][float(c["damping"])].append(c["score"])
+            key, d = (c["method"], c["sample_size"]), float(c["damping"])
+            cells[key][d].append(c["score"])
+            per_test[key][d].append((c["seed"], c["per_test"]))
     out: dict = defaultdict(lambda: defaultdict(dict))
     refs: dict = {}
     for (method, m), by_d in cells.items():
@@ -101,7 +139,9 @@ def curves(results: dict) -> tuple[dict, dict]:
         vals = by_d[best]
         se = stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else 0.0
         entry = {"mean": fmean(vals), "se": se, "seeds": len(vals), "damping": best,
-                 "by_damping": {f"{d:g}": fmean(v) for d, v in sorted(by_d.items())}}
+                 "by_damping": {f"{d:g}": fmean(v) for d, v in sorted(by_d.items())},
+                 "held_out": held_out(per_test[(method, m)],
+                                      len(per_test[(method, m)][best][0][1]))}
         est, sampler = _split(method)
         if sampler is None:
             if m == 0:
@@ -204,6 +244,26 @@ def plot(name: str, cur: dict, refs: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def held_out_summary(cur: dict, refs: dict) -> list[str]:
+    """How much choosing λ on the test points moved the numbers: the largest change, and every
+    entry whose two held-out choices differ from the test-tuned one."""
+    entries = [(f"{est}@{s} m = {m}", e) for est, by_s in cur.items()
+               for s, pts in by_s.items() for m, e in pts.items()]
+    entries += [(ref, e) for ref, e in refs.items()]
+    diffs = [(e["mean"] - e["held_out"]["mean"], name, e) for name, e in entries]
+    worst = max(diffs, key=lambda t: abs(t[0]))
+    lines = [f"- Largest change against the test-tuned λ: {worst[0]:+.4f} ({worst[1]}: "
+             f"{worst[2]['mean']:.3f} → {worst[2]['held_out']['mean']:.3f}); over "
+             f"{len(entries)} entries, {sum(len(e['by_damping']) > 1 for _, e in entries)} of "
+             "them with more than one damping tried."]
+    moved = [f"{name} (λ {e['damping']:g} → {' / '.join(e['held_out']['dampings'])}: "
+             f"{e['held_out']['mean']:.3f})" for _, name, e in sorted(diffs, key=lambda t: t[1])
+             if any(float(d) != e["damping"] for d in e["held_out"]["dampings"])]
+    if moved:
+        lines.append("- Entries whose held-out λ differs: " + "; ".join(moved) + ".")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     for ref in REFERENCES:
         if ref in refs:
             lines.append(f"- {ref}: {refs[ref]['mean']:.3f} (λ {refs[ref]['damping']:g})")
+    lines += ["", "Held-out λ (module doc: chosen on one half of the test points, read on the "
+              "other, both ways):", "", *held_out_summary(cur, refs)]
     lines += ["", "Goals (issue: sampled curvature at ground truth):", "", *checks]
     io.write_bytes_atomic(stem.with_suffix(".md"), ("\n".join(lines) + "\n").encode)
     print("\n".join(lines))

@@ -54,6 +54,8 @@ CURVES = {
         "--dampings 0.03",
         "python benchmarks/lds.py lr --methods ggn:woodbury+prior=ekfac+prior_mode=blend+"
         "prior_weight=0.5@logit-importance --sizes 500 --seeds 3 --dampings 0.03",
+        "python benchmarks/lds.py lr --methods ggn:woodbury@logit-importance+proxy=gini-feature "
+        "--sizes 50,100,250,500 --seeds 5 --dampings 0.01,0.1",
         "(the plain ggn:woodbury@random / @logit-importance cells and the whole-pool rows: the "
         "commands of lds-mnist-lr.md)",
     ],

@@ -23,11 +23,11 @@ from torch.utils.data import (
 from torch.utils.data.distributed import DistributedSampler
 
 import repif
-import repif.evaluation.runner as runner_module
-import repif.experiments.study as study_module
+import repif.studies.class_removal.study as study_module
+import repif.studies.evaluation.runner as runner_module
 from repif import cli
-from repif.evaluation import EvaluationConfig, EvaluationError, ModelStore
-from repif.experiments.config import StudyConfig
+from repif.studies.class_removal.config import StudyConfig
+from repif.studies.evaluation import EvaluationConfig, EvaluationError, ModelStore
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -316,8 +316,8 @@ def test_unwritable_out_is_an_environment_failure_exit_1(tmp_path, capsys, monke
 def test_stored_configuration_with_an_unknown_key_is_refused_by_name(which):
     """A results file's configuration with a key this version does not know (a typo, another
     version) is an error naming the key, not silently dropped."""
-    from repif.evaluation.runner import EvaluationConfig
-    from repif.experiments.config import StudyConfig
+    from repif.studies.class_removal.config import StudyConfig
+    from repif.studies.evaluation.runner import EvaluationConfig
 
     cls = StudyConfig if which == "study" else EvaluationConfig
     good = cls.from_dict(cls().to_dict()) if hasattr(cls(), "to_dict") else cls()

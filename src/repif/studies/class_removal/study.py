@@ -31,13 +31,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from repif import datasets, io, models, runs, samplers
+from repif import datasets, io, models, samplers
 from repif.datasets.base import stratified_subset
 from repif.estimator import InfluenceEstimator
-from repif.experiments.config import StudyConfig, parse_sampler
-from repif.experiments.resources import measure
 from repif.metrics import cosine, predict, relative_error, removal_scores
-from repif.runs import OutputLock
+from repif.studies import runs
+from repif.studies.class_removal.config import StudyConfig, parse_sampler
+from repif.studies.resources import measure
+from repif.studies.runs import OutputLock
 from repif.training import load_or_train, train
 from repif.unlearning import choose_scale, remaining_indices, removal_gradient
 

@@ -109,7 +109,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, out: Path) -> int:
     """Run ``repif evaluate`` into ``out``; prints the table unless ``--quiet``."""
-    from repif.evaluation import Evaluation, EvaluationConfig, format_table, table, write_report
+    from repif.studies.evaluation import (
+        Evaluation,
+        EvaluationConfig,
+        format_table,
+        table,
+        write_report,
+    )
 
     if args.loo_points is not None and args.loo_indices is not None:
         raise ValueError("pass --loo-points (a count) or --loo-indices (a list), not both")

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from repif import io  # noqa: E402
-from repif.experiments.summary import conclusions, update_cost  # noqa: E402
+from repif.studies.class_removal.summary import conclusions, update_cost  # noqa: E402
 
 PLOTS = (
     ("f1", "F1 (forget vs consistency)", "f1_vs_size.png", "f1"),

@@ -3,9 +3,9 @@
 ``DIR/results.json`` holds ``config``, ``config_hash``, ``ground_truth`` (retrain counts, the
 ground truth's own noise) and ``cells`` (one per method × sample size × seed × damping), rewritten
 atomically after every cell; retrained models live under ``DIR/ground-truth/<key>/``
-(:class:`~repif.evaluation.ground_truth.ModelStore`). The output-directory conventions are the
-class-removal study's (docs/design.md, "Failure behaviour"): one run at a time holds the lock,
-a re-run resumes (finished cells and cached models are reused), results of another
+(:class:`~repif.studies.evaluation.ground_truth.ModelStore`). The output-directory conventions
+are the class-removal study's (docs/design.md, "Failure behaviour"): one run at a time holds the
+lock, a re-run resumes (finished cells and cached models are reused), results of another
 configuration are merged into ``results.<hash>.json`` and resumed from there, and a damaged or
 hand-edited results file is refused naming the entry.
 """
@@ -26,27 +26,28 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from repif import io, runs
+from repif import io
 from repif import samplers as _samplers
 from repif import solvers as _solvers
 from repif.curvature import kinds as curvature_kinds
 from repif.estimator import InfluenceEstimator
-from repif.evaluation import scores
-from repif.evaluation.ground_truth import Job, ModelStore, Recipe, lds_subsets, targets
-from repif.experiments.config import SHRINK_SUFFIX, split_sampler
-from repif.experiments.resources import measure
-from repif.experiments.study import (
+from repif.studies import runs
+from repif.studies.class_removal.config import SHRINK_SUFFIX, split_sampler
+from repif.studies.class_removal.study import (
     StudyEnvironmentError,
     StudyError,
     check_device,
     check_output_dir,
     out_of_range,
 )
-from repif.runs import OutputLock
+from repif.studies.evaluation import scores
+from repif.studies.evaluation.ground_truth import Job, ModelStore, Recipe, lds_subsets, targets
+from repif.studies.resources import measure
+from repif.studies.runs import OutputLock
 from repif.task import ClassificationTask, Task
 from repif.validation import dataclass_from_dict
 
-log = logging.getLogger("repif.evaluation")
+log = logging.getLogger("repif.studies.evaluation")
 
 METRICS = ("lds", "loo")
 #: What a LOO cell reports besides the per-test correlation, under each convention.
@@ -230,7 +231,7 @@ class EvaluationConfig:
                 raise ValueError(f"the subset fraction must be in (0, 1), got {self.fraction!r};"
                                  " pass e.g. --fraction 0.5 (each subset holds half the "
                                  "training points)")
-            from repif.evaluation.ground_truth import MIN_SUBSETS
+            from repif.studies.evaluation.ground_truth import MIN_SUBSETS
             if not _is_int(self.subsets) or self.subsets < MIN_SUBSETS:
                 raise ValueError(f"LDS needs at least {MIN_SUBSETS} subsets, got "
                                  f"{self.subsets!r}; pass e.g. --subsets 50 (a rank correlation "
@@ -327,7 +328,7 @@ class MarginTask(ClassificationTask):
     z_y − logsumexp_{c≠y} z_c as the query measured at test points."""
 
     def query_from_output(self, output: Tensor, y: Tensor) -> Tensor:
-        from repif.evaluation.ground_truth import margin
+        from repif.studies.evaluation.ground_truth import margin
 
         return margin(output, y)
 

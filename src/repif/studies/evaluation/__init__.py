@@ -18,9 +18,15 @@ from typing import Any
 
 from torch import Tensor
 
-from repif.evaluation.ground_truth import MIN_SUBSETS, ModelStore, Recipe, lds_subsets, margin
-from repif.evaluation.report import format_table, table, write_report
-from repif.evaluation.runner import (
+from repif.studies.evaluation.ground_truth import (
+    MIN_SUBSETS,
+    ModelStore,
+    Recipe,
+    lds_subsets,
+    margin,
+)
+from repif.studies.evaluation.report import format_table, table, write_report
+from repif.studies.evaluation.runner import (
     BASELINES,
     Evaluation,
     EvaluationConfig,
@@ -29,7 +35,7 @@ from repif.evaluation.runner import (
     Method,
     parse_method,
 )
-from repif.evaluation.scores import (
+from repif.studies.evaluation.scores import (
     LOO_CONVENTIONS,
     lds,
     loo_predicted,

@@ -1,6 +1,8 @@
 """The run machinery both studies share (class removal, evaluation): one run at a time per
-output directory, temporaries of killed writes cleared by the lock holder, and results of an
-earlier configuration backed up by their hash rather than lost (docs/design.md, "Protocol").
+output directory, temporaries of killed writes cleared by the lock holder, results of an
+earlier configuration backed up by their hash rather than lost (docs/design.md, "Protocol"),
+and the errors a study raises (with the exit code the command line gives them) and its checks of
+the output directory and the device.
 
 One study at a time per output directory: a lock file holding the owner's PID and host.
 
@@ -20,10 +22,13 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from repif import io
 
@@ -233,3 +238,64 @@ def back_up(out: Path, stale: dict[str, Any], read: Callable[[Path], dict[str, A
     log.warning("configuration changed: the earlier results (%d cells) are kept in %s",
                 len(merged["cells"]), path)
     return path
+
+
+class StudyError(RuntimeError):
+    """A study cannot run as configured; the message says why and what to do. ``exit_code``:
+    what the command line exits with (2: bad input)."""
+
+    exit_code = 2
+
+
+class StudyEnvironmentError(StudyError):
+    """The machine, not the configuration, stops the study: no GPU, the output directory in use
+    by another run, a stored file damaged after the run (exit code 1)."""
+
+    exit_code = 1
+
+
+def check_output_dir(out: Path) -> None:
+    """Raise StudyError (bad input) if ``out`` is a file, StudyEnvironmentError if it cannot be
+    written to (permissions, a read-only or full file system: the environment)."""
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"output directory {out} is a file; pass a directory with --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=out)
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)
+    except OSError as err:
+        raise StudyEnvironmentError(
+            f"output directory {out} is not writable ({err.strerror}); make it writable or pass "
+            "another --out"
+        ) from err
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device for ``--device name``; a name torch does not know is bad input
+    (StudyError), a CUDA device this machine lacks an environment problem."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise StudyError(
+            f"unknown device {name!r}; use --device cpu or --device cuda (cuda:N for GPU N)"
+        ) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise StudyError(f"--device {name}: only cpu and cuda are supported; use one of them")
+    if not torch.cuda.is_available():
+        build = ("a build without CUDA" if torch.version.cuda is None
+                 else f"CUDA {torch.version.cuda}, but no usable GPU or driver")
+        raise StudyEnvironmentError(
+            f"--device {name}: torch sees no CUDA GPU on this machine (torch {torch.__version__}, "
+            f"{build}); use --device cpu, or run on a machine with a GPU"
+        )
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise StudyEnvironmentError(
+            f"--device {name}: this machine has {count} CUDA device(s), cuda:0…cuda:{count - 1}; "
+            "pass one of them"
+        )
+    return dev

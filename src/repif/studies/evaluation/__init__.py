@@ -18,6 +18,8 @@ from typing import Any
 
 from torch import Tensor
 
+from repif.studies.evaluation.cells import MarginTask
+from repif.studies.evaluation.config import EvaluationConfig, EvaluationError
 from repif.studies.evaluation.ground_truth import (
     MIN_SUBSETS,
     ModelStore,
@@ -25,16 +27,10 @@ from repif.studies.evaluation.ground_truth import (
     lds_subsets,
     margin,
 )
+from repif.studies.evaluation.methods import BASELINES, Method, parse_method
 from repif.studies.evaluation.report import format_table, table, write_report
-from repif.studies.evaluation.runner import (
-    BASELINES,
-    Evaluation,
-    EvaluationConfig,
-    EvaluationError,
-    MarginTask,
-    Method,
-    parse_method,
-)
+from repif.studies.evaluation.rows import EvaluationRow
+from repif.studies.evaluation.runner import Evaluation
 from repif.studies.evaluation.scores import (
     LOO_CONVENTIONS,
     lds,
@@ -51,6 +47,7 @@ __all__ = [
     "Evaluation",
     "EvaluationConfig",
     "EvaluationError",
+    "EvaluationRow",
     "MarginTask",
     "Method",
     "ModelStore",

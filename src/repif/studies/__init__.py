@@ -5,7 +5,8 @@
 - :mod:`repif.studies.evaluation`: attribution scored against retraining, LDS and LOO
   (``repif evaluate``);
 - :mod:`repif.studies.runs`: the run machinery both share (the output directory's lock,
-  resuming, backups of another configuration's results, the errors and exit codes);
+  backups of another configuration's results, the errors and their exit codes, the checks of
+  ``--out`` and ``--device``);
 - :mod:`repif.studies.resources`: wall time and peak memory of a block, measured alike for both;
 - :mod:`repif.studies.rows`: typed result rows, checked when a results file is read.
 """

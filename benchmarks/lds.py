@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from repif import datasets, io, models, training
-from repif.evaluation import Evaluation, EvaluationConfig, Recipe, table, write_report
-from repif.evaluation.report import reliability
+from repif.studies.evaluation import Evaluation, EvaluationConfig, Recipe, table, write_report
+from repif.studies.evaluation.report import reliability
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA_DIR = os.environ.get("MNIST_DIR", "/work/data/mnist")

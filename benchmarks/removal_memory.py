@@ -37,11 +37,11 @@ def one(budget: str, sampler: str = "logit-importance", sample_size: int = SAMPL
 
     torch.set_num_threads(1)
     from repif import io
-    from repif.experiments.config import StudyConfig, parse_sampler
-    from repif.experiments.resources import measure
-    from repif.experiments.study import Study
     from repif.memory import parse_bytes
     from repif.metrics import predict, removal_scores
+    from repif.studies.class_removal.config import StudyConfig, parse_sampler
+    from repif.studies.class_removal.study import Study
+    from repif.studies.resources import measure
     from repif.unlearning import remaining_indices
 
     results = io.read_json(STUDY / "results.json")

@@ -23,7 +23,7 @@ import torch
 
 import repif
 from repif import datasets, io, training
-from repif.experiments.resources import measure
+from repif.studies.resources import measure
 
 DAMPING = 0.01
 WEIGHT_DECAY = 1e-3

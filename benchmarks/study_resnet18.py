@@ -112,10 +112,16 @@ def summarise(profile: str) -> Path:
     ``<out>/results.json``: the table with both F1s, the references, the headline against random
     beside the published figures, update ÷ retrain, and F1 against total time (a plot)."""
     from repif import io
-    from repif.experiments.config import StudyConfig
-    from repif.experiments.report import F1_TIME_PNG, write_report
-    from repif.experiments.study import Study, StudyError
-    from repif.experiments.summary import aggregate, conclusions, headline, references, update_cost
+    from repif.studies.class_removal.config import StudyConfig
+    from repif.studies.class_removal.report import F1_TIME_PNG, write_report
+    from repif.studies.class_removal.study import Study, StudyError
+    from repif.studies.class_removal.summary import (
+        aggregate,
+        conclusions,
+        headline,
+        references,
+        update_cost,
+    )
 
     out = RESULTS / PROFILES[profile]["out"]
     results = io.read_json(out / "results.json")

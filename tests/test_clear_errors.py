@@ -23,11 +23,12 @@ from torch.utils.data import (
 from torch.utils.data.distributed import DistributedSampler
 
 import repif
-import repif.evaluation.runner as runner_module
-import repif.experiments.study as study_module
+import repif.studies.class_removal.rows as study_rows
+import repif.studies.evaluation.rows as evaluation_rows
 from repif import cli
-from repif.evaluation import EvaluationConfig, EvaluationError, ModelStore
-from repif.experiments.config import StudyConfig
+from repif.studies import runs
+from repif.studies.class_removal.config import StudyConfig
+from repif.studies.evaluation import EvaluationConfig, EvaluationError, ModelStore
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -251,11 +252,11 @@ def _study_results() -> dict:
 def test_study_results_outside_their_range_are_refused(tmp_path, part, field, value):
     path = tmp_path / "results.json"
     results = _study_results()
-    assert study_module.check_results(json.loads(json.dumps(results)), path)  # valid as made
+    assert study_rows.check_results(json.loads(json.dumps(results)), path)  # valid as made
     results[part][0][field] = value
     path.write_text(json.dumps(results))  # a bare NaN, as a hand edit may leave it
-    with pytest.raises(study_module.StudyError) as err:
-        study_module.read_results(path)
+    with pytest.raises(study_rows.StudyError) as err:
+        study_rows.read_results(path)
     msg = str(err.value)
     assert msg.startswith(f"{path}: {part}[0] has {field}={value!r}, outside [")
     assert "edited or damaged" in msg
@@ -264,7 +265,7 @@ def test_study_results_outside_their_range_are_refused(tmp_path, part, field, va
 def test_cosines_a_rounding_error_past_one_are_kept(tmp_path):
     results = _study_results()
     results["cells"][0]["ihvp_cosine"] = 1.0000000000000002
-    assert study_module.check_results(results, tmp_path / "results.json") is results
+    assert study_rows.check_results(results, tmp_path / "results.json") is results
 
 
 def _evaluation_results() -> dict:
@@ -284,11 +285,11 @@ def _evaluation_results() -> dict:
 def test_evaluation_results_outside_their_range_are_refused(tmp_path, field, value, shown):
     path = tmp_path / "results.json"
     results = _evaluation_results()
-    assert runner_module.check_results(json.loads(json.dumps(results)), path)
+    assert evaluation_rows.check_results(json.loads(json.dumps(results)), path)
     results["cells"][0][field] = value
     path.write_text(json.dumps(results))
     with pytest.raises(EvaluationError) as err:
-        runner_module.read_results(path)
+        evaluation_rows.read_results(path)
     assert str(err.value).startswith(f"{path}: cells[0] has {shown}")
 
 
@@ -304,7 +305,7 @@ def test_unwritable_out_is_an_environment_failure_exit_1(tmp_path, capsys, monke
     def refuse(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(study_module.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(runs.tempfile, "mkstemp", refuse)
     assert _exit_code([*command, "--out", str(out), "--quiet"]) == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1, lines
@@ -316,8 +317,8 @@ def test_unwritable_out_is_an_environment_failure_exit_1(tmp_path, capsys, monke
 def test_stored_configuration_with_an_unknown_key_is_refused_by_name(which):
     """A results file's configuration with a key this version does not know (a typo, another
     version) is an error naming the key, not silently dropped."""
-    from repif.evaluation.runner import EvaluationConfig
-    from repif.experiments.config import StudyConfig
+    from repif.studies.class_removal.config import StudyConfig
+    from repif.studies.evaluation.runner import EvaluationConfig
 
     cls = StudyConfig if which == "study" else EvaluationConfig
     good = cls.from_dict(cls().to_dict()) if hasattr(cls(), "to_dict") else cls()

@@ -195,7 +195,7 @@ def test_out_not_writable(earlier, tmp_path, capsys, sub):
 
 def test_command_line_defaults_are_the_configuration_defaults():
     """`repif class-removal` with no options runs StudyConfig()'s defaults: they live once."""
-    from repif.experiments.config import StudyConfig
+    from repif.studies.class_removal.config import StudyConfig
 
     args = cli._parser().parse_args(["class-removal"])
     assert cli._config(args) == StudyConfig()

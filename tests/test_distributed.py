@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from repif import distributed
-from repif.experiments.study import MEASURED_FIELDS
+from repif.studies.class_removal.study import MEASURED_FIELDS
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 REL_TOL = 1e-5

@@ -22,7 +22,8 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from repif import ClassificationTask, InfluenceEstimator, cli
-from repif.evaluation import (
+from repif.studies.class_removal.study import StudyEnvironmentError
+from repif.studies.evaluation import (
     Evaluation,
     EvaluationConfig,
     Recipe,
@@ -38,7 +39,6 @@ from repif.evaluation import (
     table,
     write_report,
 )
-from repif.experiments.study import StudyEnvironmentError
 
 WD = 0.05
 N_TRAIN, N_TEST, DIM, CLASSES = 60, 20, 4, 3

@@ -27,14 +27,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import repif.experiments.resources as resources
-import repif.experiments.study as study_module
+import repif.studies.class_removal.cells as cells_module
+import repif.studies.resources as resources
 from repif import cli, io
-from repif import runs as lock_module
 from repif.errors import CorruptFileError
-from repif.experiments.config import StudyConfig
-from repif.experiments.study import MEASURED_FIELDS, Study, StudyEnvironmentError
-from repif.runs import OutputLock, OutputLockedError
+from repif.studies import runs as lock_module
+from repif.studies.class_removal.config import StudyConfig
+from repif.studies.class_removal.study import MEASURED_FIELDS, Study, StudyEnvironmentError
+from repif.studies.runs import OutputLock, OutputLockedError
 
 BASE = dict(dataset="digits", model="mlp", remove=[0], samplers=["random", "logit-importance"],
             sizes=[8], seeds=3, epochs=3, limit_train=300)
@@ -392,7 +392,7 @@ def test_leftover_temporaries_are_removed(finished):
 def test_results_json_is_strict_and_files_share_one_mode(finished, monkeypatch, umask_022):
     """A metric that comes out NaN is stored as null (and the report still renders)."""
     cell_vector(finished, (0, "random", 8, 0)).unlink()  # recomputed, with a NaN error
-    monkeypatch.setattr(study_module, "relative_error", lambda a, b: float("nan"))
+    monkeypatch.setattr(cells_module, "relative_error", lambda a, b: float("nan"))
     assert exit_code(ARGS + ["--out", str(finished)]) == 0
 
     def refuse(name):

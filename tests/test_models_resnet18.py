@@ -139,7 +139,7 @@ def test_cli_and_study_config_carry_width():
     import json
 
     from repif.cli import _config, _parser
-    from repif.experiments.config import _GRID_FIELDS, StudyConfig
+    from repif.studies.class_removal.config import _GRID_FIELDS, StudyConfig
 
     args = _parser().parse_args(["class-removal", "--model", "resnet18", "--width", "8"])
     config = _config(args)

@@ -16,11 +16,11 @@ from statistics import fmean
 
 import pytest
 
-import repif.experiments.resources as resources
+import repif.studies.resources as resources
 from repif import cli
-from repif.experiments.config import StudyConfig
-from repif.experiments.study import MEASURED_FIELDS, Study, StudyError
 from repif.metrics import f1_score
+from repif.studies.class_removal.config import StudyConfig
+from repif.studies.class_removal.study import MEASURED_FIELDS, Study, StudyError
 
 SAMPLERS = ["random", "logit-importance"]
 SIZES = [8, 64]
@@ -352,7 +352,7 @@ def test_cli_writes_report_and_plots(baseline, tmp_path, count_cells, capsys):
 
 
 def test_a_negative_saving_reads_as_more():
-    from repif.experiments.summary import _saving
+    from repif.studies.class_removal.summary import _saving
 
     assert _saving(0.25, "time") == "25.0% less time"
     assert _saving(-0.261, "memory") == "26.1% more memory"

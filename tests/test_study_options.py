@@ -9,9 +9,9 @@ from torch import nn
 
 import repif
 from repif.cli import _config, _parser
-from repif.experiments.config import StudyConfig, parse_sampler
 from repif.memory import parse_bytes
 from repif.metrics import f1_score, removal_scores
+from repif.studies.class_removal.config import StudyConfig, parse_sampler
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -150,7 +150,7 @@ def test_a_bad_sampler_suffix_names_the_forms(spec):
 def test_a_two_phase_study_cell_makes_its_own_pass_over_its_candidates(tmp_path):
     """+candN cells charge no shared whole-pool pass: their own pass over N·m candidates is
     inside the cell's time; the whole-pool sampler is charged the shared pass."""
-    from repif.experiments.study import Study
+    from repif.studies.class_removal.study import Study
 
     config = StudyConfig(dataset="digits", model="mlp", remove=[0],
                          samplers=["logit-importance", "logit-importance+cand4"], sizes=[16],

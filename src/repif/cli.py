@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from repif import distributed
-from repif.experiments.config import StudyConfig
 from repif.memory import parse_bytes
+from repif.studies.class_removal.config import StudyConfig
 
 #: The demo: digits MLP, one removed class, every sampler (and importance sampling with the
 #: shrinkage fill), sizes 16…256, 3 seeds — under three minutes on 2 CPU cores.
@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="kfac/ekfac: a convolution's positions enter the factors as separate "
                          "examples (expand, default) or summed first (reduce: K-FAC-reduce, "
                          "far cheaper on large feature maps)")
-    from repif.evaluation.cli import add_parser as add_evaluate
+    from repif.studies.evaluation.cli import add_parser as add_evaluate
 
     add_evaluate(sub, common)
     return p
@@ -132,9 +132,9 @@ def _config(args: argparse.Namespace) -> StudyConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repif.experiments.report import write_report
-    from repif.experiments.study import Study
-    from repif.experiments.summary import (
+    from repif.studies.class_removal.report import write_report
+    from repif.studies.class_removal.study import Study
+    from repif.studies.class_removal.summary import (
         aggregate,
         conclusions,
         format_table,
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     if args.command == "evaluate":
-        from repif.evaluation.cli import run as run_evaluate
+        from repif.studies.evaluation.cli import run as run_evaluate
 
         return run_evaluate(args, Path(args.out or "repif-out/evaluate"))
     config = _config(args)
@@ -203,7 +203,7 @@ def classify(err: BaseException) -> tuple[int, str] | None:
     """(exit code, one-line message) for an expected failure, None for anything else (a bug,
     which keeps its traceback)."""
     from repif.errors import RepifError, TooLargeError
-    from repif.experiments.study import StudyError
+    from repif.studies.class_removal.study import StudyError
 
     if isinstance(err, StudyError):
         return err.exit_code, str(err)

@@ -100,10 +100,10 @@ class InfluenceEstimator(Scoring, ProjectedScoring):
         model: nn.Module,
         train: Any,
         *,
-        curvature: str = "ggn",
+        curvature: str | Any = "ggn",
         damping: float = DEFAULT_DAMPING,
-        solver: str = "direct",
-        sampler: str = "random",
+        solver: str | _solvers.Solver = "direct",
+        sampler: str | _samplers.Sampler = "random",
         sample_size: int | None = None,
         seed: int = 0,
         weight_decay: float | None = None,
@@ -127,6 +127,17 @@ class InfluenceEstimator(Scoring, ProjectedScoring):
         projection_basis: str = "eigen",
         **options: Any,
     ) -> None:
+        # a component is a name with its options, or an instance carrying them
+        curvature, kronecker_options = _options.component(
+            curvature, kronecker_options, curvature_kinds.REGISTRY, "curvature",
+            "kronecker_options")
+        sampler, sampler_options = _options.component(
+            sampler, sampler_options, _samplers.REGISTRY, "sampler", "sampler_options")
+        if not isinstance(solver, str):
+            solver, solver_options = _options.component(
+                solver, {**(solver_options or {}), **options}, _solvers.REGISTRY, "solver",
+                "solver options")
+            options = {}
         kind = curvature_kinds.get(curvature)  # unknown names list the known ones
         solver_options = _options.solver_options(solver, solver_options, options, batch_size)
         batch_size = _options.check_arguments(kind, curvature, damping, sample_size, shrinkage,

@@ -17,6 +17,21 @@ from repif.task import ClassificationTask, Task
 from repif.validation import check_finite_number
 
 
+def component(value: Any, options: dict[str, Any] | None, registry: Any, what: str,
+              options_name: str) -> tuple[Any, dict[str, Any] | None]:
+    """(name, options) for a component given by name with ``options``, or as an instance that
+    carries its own (read back through the registry); options beside an instance are refused,
+    so no option is silently dropped or given twice."""
+    if isinstance(value, str) or value is None:
+        return value, options
+    name, own = registry.options_of(value)
+    if options:
+        raise TypeError(f"{options_name} configure a {what} given by name; the {what} instance "
+                        f"{type(value).__name__} carries its own options: set them on it, or "
+                        f"pass {what}={name!r} with {options_name}")
+    return name, own
+
+
 def solver_options(solver: str, given: dict[str, Any] | None, loose: dict[str, Any],
                     batch_size: int | None) -> dict[str, Any]:
     """The solver's options: ``solver_options`` merged with the loose keyword arguments.

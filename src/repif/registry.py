@@ -43,6 +43,26 @@ class Registry(Generic[T]):
         return [p for p, spec in params.items() if p != "self"
                 and spec.kind not in (spec.VAR_POSITIONAL, spec.VAR_KEYWORD)]
 
+    def options_of(self, component: Any) -> tuple[str, dict[str, Any]]:
+        """(name, options) of a built ``component``, read back from the attributes its
+        constructor stored under the options' own names (or ``<option>_option`` where the plain
+        name holds something derived at fit, as LiSSA's ``scale``), so that
+        ``build(name, options)`` makes an equal one. A component of an unregistered class, or one whose options cannot
+        be read back, is a TypeError naming what to pass instead."""
+        name = getattr(type(component), "name", None)
+        if not isinstance(name, str) or self._classes.get(name) is not type(component):
+            raise TypeError(f"{type(component).__name__} is not a registered {self.kind}; "
+                            f"pass one of {', '.join(self.names())} or an instance of one")
+        def stored(o: str) -> str:
+            return f"{o}_option" if hasattr(component, f"{o}_option") else o
+
+        missing = [o for o in self.accepted_options(name) if not hasattr(component, stored(o))]
+        if missing:
+            raise TypeError(f"the {self.kind} {name!r} does not keep option(s) "
+                            f"{', '.join(missing)} as attributes; pass {self.kind}={name!r} with "
+                            "its options instead of an instance")
+        return name, {o: getattr(component, stored(o)) for o in self.accepted_options(name)}
+
     def build(self, name: str, options: dict[str, Any] | None = None) -> Any:
         """An instance of ``name`` with ``options``; an option it does not take is a
         :class:`TypeError` naming the component and the options it takes."""

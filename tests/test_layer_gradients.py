@@ -190,7 +190,7 @@ class _OneConv(nn.Module):
         return self.head(torch.tanh(self.conv(x)).flatten(1))
 
 
-@pytest.mark.parametrize("route", ["unfold", "slices", "auto"])
+@pytest.mark.parametrize("route", ["unfold", "slices", "grouped", "auto"])
 @pytest.mark.parametrize("conv", [
     dict(in_channels=3, out_channels=5, kernel_size=3, padding=1),
     dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, bias=False),
@@ -217,11 +217,17 @@ def test_conv_weight_routes_match_torch_func(monkeypatch, route, conv):
 
 def test_conv_route_rule():
     from repif.gradients.hooks import SLICES_MIN_POSITIONS, conv_gradient_route
+    from repif.layers.conv import GROUPED_MIN_CHANNELS as C
 
     three, one = nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1)
     assert conv_gradient_route(three, SLICES_MIN_POSITIONS) == "slices"
     assert conv_gradient_route(three, SLICES_MIN_POSITIONS - 1) == "unfold"
     assert conv_gradient_route(one, 1) == "slices"
+    wide = nn.Conv2d(C, C, 3)
+    assert conv_gradient_route(wide, C) == "grouped"
+    assert conv_gradient_route(wide, C - 1) == "unfold"
+    assert conv_gradient_route(nn.Conv2d(C, C, 1), 4 * C) == "slices"
+    assert conv_gradient_route(nn.Conv2d(2 * C, 2 * C, 3, groups=2), C) == "grouped"
 
 
 def test_in_place_activations_keep_the_hook_engine():

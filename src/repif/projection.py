@@ -53,7 +53,7 @@ from repif.errors import CorruptFileError
 from repif.gradients.hooks import LayerGradientEngine
 from repif.io import environment_metadata, load_tensors, save_tensors_atomic
 from repif.layers import LayerBlock
-from repif.layers.conv import conv_gradient_route, conv_weight_by_slices
+from repif.layers.conv import conv_gradient_route, conv_weight_by_slices, conv_weight_grouped
 
 #: Score routes of :class:`~repif.estimator.InfluenceEstimator` (its ``scores=`` option):
 #: "exact" (every per-sample gradient, layer by layer) or "projected" (this module).
@@ -82,7 +82,10 @@ def _conv_weight(m: nn.Conv2d, a: Tensor, gp: Tensor) -> Tensor:
     gradients ``gp`` (c need not be m's output channels), by the per-sample engine's route."""
     b = a.shape[0]
     g4 = gp.unsqueeze(1)  # (b, 1, c, P)
-    if conv_gradient_route(m, gp.shape[-1]) == "slices":
+    route = conv_gradient_route(m, gp.shape[-1])
+    if route == "grouped":
+        return conv_weight_grouped(m, a, gp).reshape(b, gp.shape[1], -1)
+    if route == "slices":
         return conv_weight_by_slices(m, a, g4).reshape(b, gp.shape[1], -1)
     cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
     return gp @ cols.transpose(1, 2)

@@ -47,8 +47,8 @@ class Registry(Generic[T]):
         """(name, options) of a built ``component``, read back from the attributes its
         constructor stored under the options' own names (or ``<option>_option`` where the plain
         name holds something derived at fit, as LiSSA's ``scale``), so that
-        ``build(name, options)`` makes an equal one. A component of an unregistered class, or one whose options cannot
-        be read back, is a TypeError naming what to pass instead."""
+        ``build(name, options)`` makes an equal one. A component of an unregistered class, or
+        one whose options cannot be read back, is a TypeError naming what to pass instead."""
         name = getattr(type(component), "name", None)
         if not isinstance(name, str) or self._classes.get(name) is not type(component):
             raise TypeError(f"{type(component).__name__} is not a registered {self.kind}; "

@@ -2,10 +2,12 @@
 or by materialising, and K-FAC's unfolded patches.
 
 Per-sample weight gradient: the same sum as a Linear over the H'·W' output positions, with a the
-unfolded input patches (per group for grouped and depthwise convolutions). Two routes give it
+unfolded input patches (per group for grouped and depthwise convolutions). Three routes give it
 (:func:`conv_gradient_route`): "unfold" writes the (in·kh·kw × P) patches and takes one product;
-"slices" takes kh·kw products of strided slices of the padded input, without the patch tensor
-(faster on layers with many positions; benchmarks/results/conv-gradients.md).
+"slices" takes kh·kw products of strided slices of the padded input, without the patch tensor;
+"grouped" asks torch's own convolution weight-gradient kernel for all points at once, the batch
+folded into the channels as b groups (faster on 3×3 layers with many positions per input
+channel; benchmarks/results/conv-gradients.md).
 
 Scores against k queries: "contract" convolves the layer input with the k stacked query filters
 and multiplies by the output gradient; "materialise" forms the per-sample gradients; a cost
@@ -37,7 +39,7 @@ CONV_SCORE_ROUTES = ("auto", "contract", "materialise")
 MATERIALISE_ELEMENT_MACS = 128
 
 #: Routes for a convolution's per-sample weight gradient (see :func:`conv_gradient_route`).
-CONV_GRADIENT_ROUTES = ("auto", "unfold", "slices")
+CONV_GRADIENT_ROUTES = ("auto", "unfold", "slices", "grouped")
 
 #: The route every convolution takes: "auto" (per layer, by the measured rule), or one for all
 #: (set by tests and benchmarks that compare the two).
@@ -79,11 +81,24 @@ def conv_route(m: nn.Conv2d, positions: int, k: int) -> str:
     return "contract" if contract < materialise else "materialise"
 
 
+#: Fewest input channels per group from which the grouped route is taken (with kernels larger
+#: than 1×1 and at least as many output positions as input channels per group). Measured on one
+#: CPU thread (ResNet-18 layers at widths 16 and 64, 64–128 points): 3×3 layers with positions
+#: ≥ channels ran 1.0–3.2× faster grouped than by the best other route; with positions well
+#: below the channels (the 4×4 and 7×7 maps of wide layers) 2–3× slower; 1×1 kernels and the
+#: 3-channel stem 0.7–0.9×.
+GROUPED_MIN_CHANNELS = 16
+
+
 def conv_gradient_route(m: nn.Conv2d, positions: int) -> str:
-    """"slices" or "unfold" for the per-sample weight gradient of ``m`` with ``positions``
-    output positions per point (``conv_gradient_mode`` overrides the rule)."""
+    """"grouped", "slices" or "unfold" for the per-sample weight gradient of ``m`` with
+    ``positions`` output positions per point (``conv_gradient_mode`` overrides the rule)."""
     if conv_gradient_mode != "auto":
         return conv_gradient_mode
+    per_group = m.in_channels // m.groups
+    if (m.kernel_size != (1, 1) and per_group >= GROUPED_MIN_CHANNELS
+            and positions >= per_group):
+        return "grouped"
     if m.kernel_size == (1, 1) or positions >= SLICES_MIN_POSITIONS:
         return "slices"
     return "unfold"
@@ -109,6 +124,20 @@ def conv_weight_by_slices(m: nn.Conv2d, a: Tensor, g4: Tensor) -> Tensor:
             sl = sl.reshape(b, groups, cin, -1)
             out[..., u, v] = g4 @ sl.transpose(-1, -2)
     return out.reshape(b, groups, g4.shape[2], -1)
+
+
+def conv_weight_grouped(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
+    """(b, c, in/G, kh, kw) per-sample weight gradients from torch's convolution weight-gradient
+    kernel, the b points folded into the channels as b·G groups: input (1, b·in, H, W), output
+    gradient (1, b·c, H', W') with any c divisible by G (a projected output side too)."""
+    b = a.shape[0]
+    c = g.shape[1]
+    g4 = g.reshape(1, b * c, *g.shape[2:]) if g.ndim == 4 else g.reshape(
+        1, b * c, -1, _out_width(m, a))
+    w = torch.nn.grad.conv2d_weight(
+        a.reshape(1, -1, *a.shape[2:]), (b * c, m.in_channels // m.groups, *m.kernel_size), g4,
+        stride=m.stride, padding=m.padding, dilation=m.dilation, groups=b * m.groups)
+    return w.reshape(b, c, m.in_channels // m.groups, *m.kernel_size)
 
 
 def _out_width(m: nn.Conv2d, a: Tensor) -> int:
@@ -166,7 +195,10 @@ class Conv2dRule(LayerRule):
         m, b = block.module, a.shape[0]
         groups = m.groups
         g4 = g.reshape(b, groups, g.shape[1] // groups, -1)  # (b, G, out/G, P)
-        if conv_gradient_route(m, g4.shape[-1]) == "slices":
+        route = conv_gradient_route(m, g4.shape[-1])
+        if route == "grouped":
+            w = conv_weight_grouped(m, a, g)
+        elif route == "slices":
             w = conv_weight_by_slices(m, a, g4)
         else:
             cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding,

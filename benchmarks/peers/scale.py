@@ -76,8 +76,10 @@ ROOT = BENCH.parent
 
 CONFIG = {"width": 16, "train_images": 60_000, "epochs": 1, "batch_size": 128, "lr": 1e-3,
           "pool": 10_000, "queries": 100, "damping": 0.01, "weight_decay": 0.0, "seed": 0,
-          "candidates": 8, "sizes": [1000, 256], "kron_batch": 256}
-QUICK = {"train_images": 2_000, "pool": 300, "queries": 5, "sizes": [64]}
+          "candidates": 8, "sizes": [1000, 256], "kron_batch": 256, "cg_size": 256,
+          "cg_time_s": 60}
+QUICK = {"train_images": 2_000, "pool": 300, "queries": 5, "sizes": [64], "cg_size": 64,
+         "cg_time_s": 10}
 
 
 # --------------------------------------------------------------------------- the model
@@ -202,22 +204,56 @@ def rows(cfg: dict) -> dict[str, tuple[str, dict]]:
     out["repif-identity"] = ("repif", {"solver": "identity"})
     out["kronfluence-kfac"] = ("kronfluence", {"strategy": "kfac"})
     out["kronfluence-identity"] = ("kronfluence", {"strategy": "identity"})
+    # projected scores (repif's cheaper score path): used only if Pearson ≥ 0.95 against the
+    # exact path of the same fit (the row above with the same m)
+    m = cfg["sizes"][-1]
+    out[f"repif-ekfac-li-{m}-projected"] = ("repif", {
+        **out[f"repif-ekfac-li-{m}"][1], "scores": "projected"})
+    # the exact subset GGN (CG on every query at once), stopped after cg_time_s of steps
+    m = cfg["cg_size"]
+    c = cfg["candidates"] if cfg["candidates"] * m < cfg["pool"] else None
+    out[f"repif-cg-li-{m}"] = ("repif", {
+        "solver": "cg", "sampler": "logit-importance", "sample_size": m, "candidates": c,
+        "tol": 1e-6, "max_iter": 1000, "block_size": cfg["queries"],
+        "cg_time_s": cfg["cg_time_s"]})
     return out
 
 
 def run_repif(model, pool, queries, cfg, opts, mem: PeakRSS) -> dict:
     import repif
 
+    opts = dict(opts)
+    cap = opts.pop("cg_time_s", None)
+    cg: dict = {}
+    if cap is not None:  # CG stopped after cap seconds of steps; its last iterate kept
+        def monitor(it: int, x: torch.Tensor) -> bool:
+            cg.update(it=it, x=x, t=time.perf_counter())
+            return time.perf_counter() - cg["start"] > cap
+
+        opts["monitor"] = monitor
     t = time.perf_counter()
     est = repif.InfluenceEstimator(model, pool, damping=cfg["damping"],
                                    weight_decay=cfg["weight_decay"], seed=cfg["seed"], **opts)
     est.fit()
     fit_s = time.perf_counter() - t
     fit_mem = mem.mark()
-    t = time.perf_counter()
+    t = cg["start"] = time.perf_counter()
     scores = est.influence(queries)
     score_s = time.perf_counter() - t
-    return {"scores": scores, "fit_s": fit_s, "score_s": score_s,
+    extra = {}
+    if cap is not None:
+        def residual() -> dict:
+            """‖(C + λI)x − g‖/‖g‖ per query at CG's last iterate (after the timed part)."""
+            g = est.test_gradients(queries)
+            x = cg["x"]
+            r = (est.solver.operator.matmat(x) + cfg["damping"] * x - g).detach()
+            rel = (r.norm(dim=1) / g.norm(dim=1)).tolist()
+            return {"cg_steps": cg["it"], "cg_time_cap_s": cap,
+                    "cg_s_per_step": (cg["t"] - cg["start"]) / cg["it"],
+                    "rel_residual_max": max(rel), "rel_residual_mean": float(np.mean(rel))}
+
+        extra["residual"] = residual
+    return {"scores": scores, "fit_s": fit_s, "score_s": score_s, **extra,
             "fit_peak_rss_growth_bytes": fit_mem, "version": repif.__version__,
             "timings": {k: float(v) for k, v in est.timings.items()},
             "subset_size": len(est.subset.indices) if opts.get("solver") != "identity" else None}
@@ -287,6 +323,8 @@ def child(name: str, problem: str, out: str) -> None:
     run = run_repif if lib == "repif" else run_kronfluence
     with PeakRSS() as mem:
         res = run(model, prob["pool"], prob["queries"], cfg, opts, mem)
+    if "residual" in res:
+        res.update(res.pop("residual")())
     res.update(peak_rss_growth_bytes=mem.peak - mem.base, rss_before_bytes=mem.base,
                loadavg_before=list(load_before), loadavg_after=list(os.getloadavg()),
                total_s=res["fit_s"] + res["score_s"], library=lib, options=opts,
@@ -372,6 +410,14 @@ def run_child(name: str, problem: Path, out: Path, timeout: float) -> dict:
 
 # --------------------------------------------------------------------------- the report
 REF_KF, REF_REPIF = "kronfluence-ekfac", "repif-ekfac-full"
+#: The measured quantities a repeated run of a row adds (``--repeat``); medians over the runs.
+TIMED = ("fit_s", "score_s", "total_s", "peak_rss_growth_bytes", "fit_peak_rss_growth_bytes",
+         "max_rss_bytes")
+
+
+def med(r: dict, key: str) -> float:
+    """The median of ``key`` over a row's runs (the first and its repeats)."""
+    return r.get("median", r)[key]
 
 
 def annotate(res: dict, scores: dict[str, np.ndarray]) -> None:
@@ -381,6 +427,11 @@ def annotate(res: dict, scores: dict[str, np.ndarray]) -> None:
                 r[key] = correlations(scores[r["name"]], scores[ref])
             else:
                 r.pop(key, None)
+        exact = r["name"].removesuffix("-projected")
+        if exact != r["name"] and exact in scores and r["name"] in scores:
+            r["vs_exact_score_path"] = correlations(scores[r["name"]], scores[exact])
+        runs = [r, *r.get("repeats", [])]
+        r["median"] = {k: float(np.median([x[k] for x in runs])) for k in TIMED if k in r}
     res["goal"] = goal(res)
 
 
@@ -395,20 +446,22 @@ def goal(res: dict, margin: float = 0.01) -> dict | None:
         return None
     floor = full["vs_kronfluence_ekfac"]
     out = {"margin": margin, "floor_pearson": floor["pearson"],
-           "floor_spearman": floor["spearman"], "kronfluence_total_s": kf["total_s"],
-           "kronfluence_peak_rss_growth_bytes": kf["peak_rss_growth_bytes"], "candidates": []}
+           "floor_spearman": floor["spearman"], "kronfluence_total_s": med(kf, "total_s"),
+           "kronfluence_peak_rss_growth_bytes": med(kf, "peak_rss_growth_bytes"),
+           "candidates": []}
     for name, r in by.items():
-        if not name.startswith("repif-") or "vs_kronfluence_ekfac" not in r:
+        if (not name.startswith("repif-") or "vs_kronfluence_ekfac" not in r
+                or name.endswith("-projected")):
             continue
         v = r["vs_kronfluence_ekfac"]
         equal = (v["pearson"] >= floor["pearson"] - margin
                  and v["spearman"] >= floor["spearman"] - margin)
-        t_ratio = r["total_s"] / kf["total_s"]
-        m_ratio = r["peak_rss_growth_bytes"] / kf["peak_rss_growth_bytes"]
+        t_ratio = med(r, "total_s") / med(kf, "total_s")
+        m_ratio = med(r, "peak_rss_growth_bytes") / med(kf, "peak_rss_growth_bytes")
         out["candidates"].append({
             "name": name, "pearson": v["pearson"], "spearman": v["spearman"],
             "equal_agreement": equal, "time_ratio": t_ratio, "memory_ratio": m_ratio,
-            "max_rss_ratio": r["max_rss_bytes"] / kf["max_rss_bytes"],
+            "max_rss_ratio": med(r, "max_rss_bytes") / med(kf, "max_rss_bytes"),
             "met": bool(equal and t_ratio <= 0.5 and m_ratio <= 1.0)})
     out["met"] = any(c["met"] for c in out["candidates"])
     return out
@@ -437,24 +490,51 @@ def markdown(res: dict) -> str:
         "corrections) and score (the queries × pool scores). Peak: resident memory growth "
         "during fit + score over the process's level before (model and data loaded); max RSS: "
         "the child process's whole-life peak (VmHWM: interpreter, torch and the library "
-        "included). Load: 1-minute load average before / after the row.", "",
+        "included). Load: 1-minute load average before–after each run of the row. Rows run more "
+        "than once (`--repeat`, alternating order) show medians over their runs.", "",
         "| row | m | vs kronfluence EK-FAC P / S | vs repif EK-FAC full P / S | fit s | "
-        "score s | total s | peak MB | max RSS MB | load |", "|" + "---|" * 10]
+        "score s | total s | peak MB | max RSS MB | load | total s per run |",
+        "|" + "---|" * 11]
 
     def pair(r, k):
-        return f"{r[k]['pearson']:.3f} / {r[k]['spearman']:.3f}" if k in r else "(reference)"
+        if k in r:
+            return f"{r[k]['pearson']:.3f} / {r[k]['spearman']:.3f}"
+        return "(reference)" if r["name"] == {"vs_kronfluence_ekfac": REF_KF}.get(
+            k, REF_REPIF) else "—"
 
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | — | failed: {r['error'][:120]} | | | | | | | |")
+            lines.append(f"| {r['name']} | — | failed: {r['error'][:120]} | | | | | | | | |")
             continue
         m = r.get("subset_size") or (cfg["pool"] if "identity" not in r["name"] else "—")
+        runs = [r, *r.get("repeats", [])]
+        totals = ", ".join(f"{x['total_s']:.0f}" for x in runs)
+        load = ", ".join(f"{x['loadavg_before'][0]:.1f}–{x['loadavg_after'][0]:.1f}"
+                         for x in runs)
         lines.append(
             f"| {r['name']} | {m} | {pair(r, 'vs_kronfluence_ekfac')} | "
-            f"{pair(r, 'vs_repif_ekfac_full')} | {r['fit_s']:.1f} | {r['score_s']:.1f} | "
-            f"{r['total_s']:.1f} | {r['peak_rss_growth_bytes'] / mb:.0f} | "
-            f"{r['max_rss_bytes'] / mb:.0f} | {r['loadavg_before'][0]:.1f} / "
-            f"{r['loadavg_after'][0]:.1f} |")
+            f"{pair(r, 'vs_repif_ekfac_full')} | {med(r, 'fit_s'):.1f} | "
+            f"{med(r, 'score_s'):.1f} | {med(r, 'total_s'):.1f} | "
+            f"{med(r, 'peak_rss_growth_bytes') / mb:.0f} | {med(r, 'max_rss_bytes') / mb:.0f} | "
+            f"{load} | {totals} |")
+    for r in res["rows"]:
+        if "vs_exact_score_path" in r:
+            v = r["vs_exact_score_path"]
+            lines += ["", f"`{r['name']}`: repif's projected scores (`scores=\"projected\"`, "
+                      "default dimension) of the same fit as the exact-path row without the "
+                      f"suffix: Pearson / Spearman {v['pearson']:.3f} / {v['spearman']:.3f} "
+                      "against it — " + ("≥ 0.95, so usable; the goal below still uses the "
+                      "exact path." if v["pearson"] >= 0.95 else "below 0.95, so every other "
+                      "repif row uses the exact score path.")]
+        if "cg_steps" in r:
+            lines += ["", f"`{r['name']}`: the exact GGN of its subset solved by CG for all "
+                      f"{cfg['queries']} queries at once, stopped after {r['cg_time_cap_s']} s "
+                      f"of steps: {r['cg_steps']} steps ({r['cg_s_per_step']:.0f} s each), "
+                      "relative residual ‖(C + λI)x − g‖/‖g‖ "
+                      f"{r['rel_residual_max']:.2e} max / {r['rel_residual_mean']:.2e} mean "
+                      "over the queries" + (" — far from converged, so its agreement says "
+                      "nothing about the exact subset solve." if r["rel_residual_max"] > 0.1
+                      else ".")]
     for note in res.get("notes", []):
         lines += ["", note]
     g = res.get("goal")
@@ -498,6 +578,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny pool, 5 queries, temp dir")
     ap.add_argument("--rows", default=None, help="comma-separated subset of the rows")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per row")
+    ap.add_argument("--repeat", type=int, default=0,
+                    help="run the --repeat-rows this many more times (times and memory)")
+    ap.add_argument("--repeat-rows", default=None,
+                    help="default: both full-pool EK-FAC rows and repif's subset EK-FAC rows")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -527,7 +611,8 @@ def main() -> None:
     previous = out / "peers-scale.json"
     if args.resume and previous.exists() and store.exists():
         old = json.loads(previous.read_text())
-        if old.get("config") == json.loads(json.dumps(cfg)):
+        same = json.loads(json.dumps(cfg))  # keys added since the old run may be new
+        if {k: same.get(k) for k in old.get("config", {})} == old.get("config"):
             saved = torch.load(store, weights_only=False)
             res["rows"] = [r for r in old["rows"] if "error" not in r and r["name"] in saved]
             scores = {r["name"]: saved[r["name"]] for r in res["rows"]}
@@ -572,6 +657,30 @@ def main() -> None:
             log(f"  fit {row['fit_s']:.1f} s, score {row['score_s']:.1f} s, peak +"
                 f"{row['peak_rss_growth_bytes'] / 2**20:.0f} MB, vs kronfluence EK-FAC "
                 f"{vs:.3f}")
+    # repeated runs of the main rows (times and memory only), alternating their order
+    again = ([n for n in args.repeat_rows.split(",") if n] if args.repeat_rows else
+             [REF_KF, REF_REPIF, *(f"repif-ekfac-li-{m}" for m in cfg["sizes"])])
+    for k in range(1, args.repeat + 1):
+        for name in again if k % 2 == 0 else again[::-1]:
+            row = next((x for x in res["rows"] if x["name"] == name and "error" not in x), None)
+            if row is None or len(row.get("repeats", [])) >= k:
+                continue
+            log(f"{name}: repeat {k} (load {os.getloadavg()[0]:.1f})")
+            r = run_child(name, problem, cache / f"row-{name}.pt", args.timeout)
+            if "error" in r:
+                log(f"  failed: {r['error'][-600:]}")
+                continue
+            s = r.pop("scores").numpy()
+            rep = {key: r[key] for key in (*TIMED, "loadavg_before", "loadavg_after")}
+            # the same seed: the same scores, up to the order of floating-point sums
+            rep["scores_rel_diff"] = float(np.abs(s - scores[name]).max()
+                                           / np.abs(scores[name]).max())
+            row.setdefault("repeats", []).append(rep)
+            annotate(res, scores)
+            res["wall_s"] = wall0 + time.perf_counter() - t0
+            write(out, res)
+            log(f"  total {rep['total_s']:.1f} s, peak +"
+                f"{rep['peak_rss_growth_bytes'] / 2**20:.0f} MB")
     log(f"wrote {out / 'peers-scale.json'} and {out / 'peers-scale.md'}")
     if args.quick:
         shutil.rmtree(cache, ignore_errors=True)

@@ -6,7 +6,11 @@
     /work/venv-peers/bin/pip install accelerate einops einconv opt_einsum safetensors \\
         scikit-learn scipy tqdm numpy matplotlib           # (torch stays 2.13.0+cpu)
     PYTHONPATH=src /work/venv-peers/bin/python benchmarks/peers/scale.py \\
-        --data-dir /work/data/mnist [--resume]             # ≈ 40 min on 2 busy cores
+        --data-dir /work/data/mnist [--resume]             # ≈ 45 min on 2 busy cores
+    PYTHONPATH=src /work/venv-peers/bin/python benchmarks/peers/scale.py \
+        --data-dir /work/data/mnist --resume --repeat 2    # the main rows twice more (≈ 25 min)
+    # the committed results: the first command, then --resume --repeat 2 (main rows), then
+    # --resume --repeat 2 --repeat-rows repif-identity,kronfluence-identity,kronfluence-kfac
     PYTHONPATH=src /work/venv-peers/bin/python benchmarks/peers/scale.py \\
         --data-dir /work/data/mnist --quick                # smoke run (tiny pool), temp dir
 
@@ -35,7 +39,12 @@ sampled estimate of the GGN.
 Rows (each its own process): kronfluence EK-FAC, K-FAC and identity (its defaults otherwise:
 float32, batch 256 for the factors and the training side of the scores, the 100 queries in one
 batch); repif EK-FAC on the full pool, EK-FAC on logit-importance subsets (m = 1,000 and 256,
-two-phase with ``candidates=8``), identity; repif's default memory budget and exact score path.
+two-phase with ``candidates=8``), identity; repif's default memory budget and exact score path,
+its Kronecker fits with ``cache_dir=False`` (every run fits from scratch: the default cache reads
+back fits that took over a minute). Two more repif rows: the projected score path
+(``scores="projected"``) of the m = 256 fit, used only if it reaches Pearson ≥ 0.95 against that
+fit's exact path (it did not), and the exact subset GGN by CG on the m = 256 subset, stopped
+after ``cg_time_s`` of steps with the residual it reached (one step took minutes: it does not fit).
 Timed: fit (estimator or analyzer construction, sampling, factors, eigendecompositions,
 eigenvalue corrections) and score (query solves, training gradients, products); imports and
 data loading are not timed. Memory: the process's resident memory polled every 5 ms during the
@@ -47,7 +56,9 @@ over the queries: kronfluence's EK-FAC on the full pool (the field's de-facto st
 repif's EK-FAC on the full pool. No exact full-pool solve fits on this CPU.
 
 Rows are written to ``peers-scale.json`` (and the score matrices to
-``benchmarks/cache/peers-scale/``) as they finish; ``--resume`` keeps finished rows.
+``benchmarks/cache/peers-scale/``) as they finish; ``--resume`` keeps finished rows;
+``--repeat K`` runs the ``--repeat-rows`` K more times (alternating order; times and memory
+only, the scores checked equal to the first run's) and the report uses medians over the runs.
 """
 
 from __future__ import annotations
@@ -743,6 +754,8 @@ def main() -> None:
             write(out, res)
             log(f"  total {rep['total_s']:.1f} s, peak +"
                 f"{rep['peak_rss_growth_bytes'] / 2**20:.0f} MB")
+    annotate(res, scores)
+    write(out, res)
     log(f"wrote {out / 'peers-scale.json'} and {out / 'peers-scale.md'}")
     if args.quick:
         shutil.rmtree(cache, ignore_errors=True)

@@ -72,7 +72,7 @@ def test_a_long_fit_is_kept_in_the_default_cache(digits_mlp, fits, monkeypatch, 
     cache, so a second estimator (e.g. after an error) loads it instead of refitting; a short
     fit is not stored; cache_dir=False never reads or writes."""
     model, train, _ = digits_mlp
-    monkeypatch.setenv(kfac.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(kronecker_cache.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(kronecker_cache, "LONG_FIT_S", 1e9)  # every fit "short": nothing stored
     first = repif.InfluenceEstimator(model, train, **KW).fit()
     assert not list(tmp_path.iterdir()) and len(fits) == 1

@@ -71,20 +71,6 @@ from repif.validation import check_choice
 #: Basis vectors pushed through one product when :meth:`KroneckerCurvature.dense` is built.
 DENSE_BLOCK = 256
 
-#: Names that moved to :mod:`repif.curvature.kronecker_cache` (it imports this module, so they
-#: are served lazily).
-_CACHE_NAMES = ("CACHE_ENV", "CACHE_FORMAT", "LONG_FIT_S", "_digest", "data_fingerprint",
-                "default_cache_dir", "load_or_fit", "model_digest")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _CACHE_NAMES:
-        from repif.curvature import kronecker_cache
-
-        return getattr(kronecker_cache, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 #: Relative diagonal shift for a retried factor eigendecomposition (see :func:`_eigh`).
 EIGH_JITTER = 1e-10
 

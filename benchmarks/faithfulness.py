@@ -36,6 +36,7 @@ import torch
 import repif
 from repif import datasets, io, samplers, training
 from repif.estimator import InfluenceEstimator
+from repif.studies.evaluation.methods import parse_method
 
 REMOVED_CLASS = 0
 DAMPING = 0.01
@@ -72,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", default="16,32,64,128,256", help="comma-separated sample sizes m")
     p.add_argument("--datasets", default="digits,fashion-mnist", help="comma-separated")
     p.add_argument("--samplers", default=",".join(samplers.names()),
-                   help="comma-separated registered samplers (default: all)")
+                   help="comma-separated registered samplers, each with options as "
+                   "name+key=value (default: all, with their defaults)")
     p.add_argument("--no-shrink", action="store_true", help="skip the shrinkage='auto' runs")
     p.add_argument("--damping", type=float, default=DAMPING)
     p.add_argument("--cache-dir", default=os.environ.get(
@@ -101,8 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if d not in DATASETS:
             p.error(f"unknown dataset {d!r}; this benchmark knows {', '.join(DATASETS)}")
     for s in args.samplers:
-        if s not in samplers.names():
-            p.error(f"unknown sampler {s!r}; registered: {', '.join(samplers.names())}")
+        try:
+            sampler_of(s)
+        except (KeyError, ValueError) as e:
+            p.error(f"sampler {s!r}: {e} (registered: {', '.join(samplers.names())}; options "
+                    "as name+key=value, e.g. logit-importance+proxy=leverage)")
     if args.seeds < 2:
         p.error("--seeds must be at least 2 (the seed spread needs pairs)")
     if args.out is None:
@@ -180,12 +185,20 @@ def prepare(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return prep
 
 
+def sampler_of(spec: str) -> samplers.Sampler:
+    """A registered sampler from ``name[+key=value…]`` (the LDS benchmark's sampler syntax)."""
+    method = parse_method(f"ggn:woodbury@{spec}")
+    if method.shrinkage:
+        raise ValueError("shrinkage is this benchmark's own variant: leave +shrink out")
+    return samplers.build(method.sampler, dict(method.sampler_options))
+
+
 def run_one(prep: dict[str, Any], sampler: str, shrink: bool, m: int, seed: int,
             damping: float) -> tuple[dict[str, Any], torch.Tensor]:
     t0 = time.perf_counter()
     est = InfluenceEstimator(
         prep["model"], (prep["x"], prep["y"]), curvature=CURVATURE, damping=damping,
-        solver="woodbury", sampler=sampler, sample_size=m, seed=seed,
+        solver="woodbury", sampler=sampler_of(sampler), sample_size=m, seed=seed,
         shrinkage="auto" if shrink else 0.0,
     )
     est.fit(prep["pool"])

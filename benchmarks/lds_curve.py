@@ -56,6 +56,11 @@ CURVES = {
         "prior_weight=0.5@logit-importance --sizes 500 --seeds 3 --dampings 0.03",
         "python benchmarks/lds.py lr --methods ggn:woodbury@logit-importance+proxy=gini-feature "
         "--sizes 50,100,250,500 --seeds 5 --dampings 0.01,0.1",
+        "python benchmarks/lds.py lr --methods ggn:woodbury@logit-importance+proxy=leverage,"
+        "ggn:woodbury@logit-importance+proxy=leverage+ridge=0.1 --sizes 50,100 --seeds 5 "
+        "--dampings 0.01,0.1   # two torch threads",
+        f"python benchmarks/lds.py lr --methods {BLEND}@logit-importance+proxy=leverage "
+        "--sizes 50,100,250,500 --seeds 5 --dampings 0.03   # two torch threads",
         "(the plain ggn:woodbury@random / @logit-importance cells and the whole-pool rows: the "
         "commands of lds-mnist-lr.md)",
     ],

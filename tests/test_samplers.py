@@ -464,6 +464,51 @@ def test_logit_importance_includes_capped_points_always():
         assert set(pool.indices[:3].tolist()) <= set(sub.indices.tolist())
 
 
+def test_leverage_scores_match_a_dense_ridge_leverage():
+    """proxy="leverage": τ_i = tr((Λ_i ⊗ f̃_i f̃_iᵀ)(E[Λ] ⊗ E[f̃f̃ᵀ] + ρI)⁻¹), formed densely
+    here from the softmax and the features (an independent route: no eigenbasis); float64
+    round-off bounds the difference."""
+    from repif.samplers.logits import leverage_scores
+
+    labels, logits, feats = synthetic_stats()
+    pool = make_pool(labels, logits, feats)
+    p = torch.softmax(logits.double(), 1)
+    f = torch.cat([feats.double(), torch.ones(len(feats), 1, dtype=torch.float64)], 1)
+    lams = [torch.diag(q) - torch.outer(q, q) for q in p]
+    k = torch.kron(sum(lams) / len(lams), f.T @ f / len(f))
+    inv = torch.linalg.inv(k + 0.05 * torch.eye(len(k), dtype=torch.float64))
+    dense = torch.stack([torch.trace(torch.kron(lam, torch.outer(x, x)) @ inv)
+                         for lam, x in zip(lams, f, strict=True)])
+    torch.testing.assert_close(leverage_scores(pool, ridge=0.05), dense, rtol=1e-9, atol=1e-12)
+    # the default ridge is LEVERAGE_RIDGE × the mean eigenvalue of the Kronecker curvature
+    from repif.samplers.logits import LEVERAGE_RIDGE
+
+    rel = LEVERAGE_RIDGE * float(torch.linalg.eigvalsh(k).mean())
+    torch.testing.assert_close(leverage_scores(pool), leverage_scores(pool, ridge=rel),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_leverage_importance_is_unbiased(stats):
+    """logit-importance with proxy="leverage" and raw weights: Σ_T w_i G_i unbiased for the
+    pool mean, as for every proxy (2,000 seeds, 4.5 SE per coordinate)."""
+    pool = _pool(stats)
+    sampler = samplers.build("logit-importance",
+                             {"proxy": "leverage", "self_normalize": False, "ridge": 0.1})
+    per_point = _per_point_vectors(N, seed=4)
+    est = _weighted_sums(sampler, pool, per_point, m=10, seeds=2000)
+    _assert_unbiased(est, per_point.mean(0))
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"proxy": "leverage", "ridge": 0.0}, "ridge must be a positive number"),
+    ({"proxy": "leverage", "ridge": "big"}, "ridge must be a positive number"),
+    ({"proxy": "gini", "ridge": 0.1}, "ridge configures proxy='leverage'"),
+])
+def test_leverage_ridge_is_checked(options, match):
+    with pytest.raises(ValueError, match=match):
+        samplers.build("logit-importance", options)
+
+
 # ---------------------------------------------------------- unbiasedness with a real GGN
 def test_logit_importance_curvature_product_is_unbiased():
     """Linear(8, 3) in float64 on random data, curvature GGN, pool = every 3rd training point.

@@ -9,7 +9,12 @@ from repif.samplers.base import Pool, Sampler, proportional_allocation, stratifi
 from repif.validation import check_count
 
 LOGIT_STATISTICS = ("confidence", "margin", "entropy")
-PROXIES = ("gini", "gini-feature")
+PROXIES = ("gini", "gini-feature", "leverage")
+
+#: The leverage proxy's default ridge, relative to the mean eigenvalue of the last layer's
+#: Kronecker curvature E[Λ] ⊗ E[f̃f̃ᵀ] (docs/design.md, "Samplers"): small enough that rare
+#: directions count, large enough that round-off directions of a rank-deficient E[f̃f̃ᵀ] do not.
+LEVERAGE_RIDGE = 1e-3
 
 
 def logit_statistic(pool: Pool, statistic: str) -> np.ndarray:
@@ -25,11 +30,14 @@ def logit_statistic(pool: Pool, statistic: str) -> np.ndarray:
     raise ValueError(f"unknown statistic {statistic!r}; known: {', '.join(LOGIT_STATISTICS)}")
 
 
-def curvature_proxy(pool: Pool, proxy: str) -> np.ndarray:
-    """(k,) per-sample curvature proxy: 1 − Σp² (= tr Λ), optionally × (‖feature‖² + 1).
+def curvature_proxy(pool: Pool, proxy: str, ridge: float | None = None) -> np.ndarray:
+    """(k,) per-sample curvature proxy: 1 − Σp² (= tr Λ), optionally × (‖feature‖² + 1), or
+    the point's ridge leverage (:func:`leverage_scores`).
 
     tr Λ_i is the GGN's output-space curvature; (‖f‖² + 1) is the last layer's Jacobian scale.
     """
+    if proxy == "leverage":
+        return leverage_scores(pool, ridge).numpy()
     p = pool.probabilities
     gini = (1.0 - (p * p).sum(1)).clamp_min(0.0)
     if proxy == "gini":
@@ -37,6 +45,37 @@ def curvature_proxy(pool: Pool, proxy: str) -> np.ndarray:
     if proxy == "gini-feature":
         return (gini * (pool.features.double().pow(2).sum(1) + 1.0)).numpy()
     raise ValueError(f"unknown proxy {proxy!r}; known: {', '.join(PROXIES)}")
+
+
+def leverage_scores(pool: Pool, ridge: float | None = None) -> torch.Tensor:
+    """(k,) ridge leverage of each point in the last layer's curvature, from logits and features.
+
+    The last layer's GGN block of point i is Λ_i ⊗ f̃_i f̃_iᵀ (f̃ = [f, 1]); its ridge leverage
+    τ_i = tr(G_i (K + ρI)⁻¹) is taken against the pool's Kronecker curvature
+    K = E[Λ] ⊗ E[f̃f̃ᵀ] = (Q_S s Q_Sᵀ) ⊗ (Q_A a Q_Aᵀ), so in K's eigenbasis
+    τ_i = Σ_jk diag(Q_SᵀΛ_iQ_S)_j (Q_Aᵀf̃_i)_k² / (s_j a_k + ρ). Sampling ∝ τ is the classical
+    recipe for approximating K + ρI spectrally from few points: a point counts by how much it
+    adds in directions the rest of the pool covers thinly, not by its raw size (which
+    ``gini-feature`` measures). ``ridge`` is ρ in the curvature's units (the estimator's
+    damping is a natural choice); None: ``LEVERAGE_RIDGE`` × the mean eigenvalue of K.
+    Cost O(k(C² + Cd + d²) + d³), no backward pass.
+    """
+    p = pool.probabilities  # (k, C) float64
+    f = pool.features.double()
+    f = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], dim=1)  # (k, d + 1)
+    lam_mean = torch.diag(p.mean(0)) - p.T @ p / len(p)  # E[Λ] (C, C)
+    s, q_s = torch.linalg.eigh(lam_mean)
+    a, q_a = torch.linalg.eigh(f.T @ f / len(f))
+    s, a = s.clamp_min(0.0), a.clamp_min(0.0)
+    if ridge is None:
+        ridge = LEVERAGE_RIDGE * float(s.mean() * a.mean())
+    elif not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not ridge > 0:
+        raise ValueError(f"ridge must be a positive number (or None for a relative one), "
+                         f"got {ridge!r}")
+    u = p @ q_s.square() - (p @ q_s).square()  # diag(Q_Sᵀ Λ_i Q_S), (k, C)
+    v = (f @ q_a).square()  # (Q_Aᵀ f̃_i)², (k, d + 1)
+    inv = 1.0 / (s[:, None] * a[None, :] + ridge)  # (C, d + 1)
+    return ((u @ inv) * v).sum(1).clamp_min(0.0)
 
 
 class LogitStratifiedSampler(Sampler):
@@ -97,26 +136,35 @@ def inclusion_probabilities(proxy: np.ndarray, m: int) -> np.ndarray:
 class LogitImportanceSampler(Sampler):
     """Probability-proportional-to-curvature sampling with Horvitz–Thompson weights.
 
-    Inclusion probabilities π_i ∝ proxy (``"gini"``: 1 − Σp², or ``"gini-feature"``), capped at
-    1; systematic sampling over a seeded random order draws exactly m distinct points with those
-    probabilities. Weight 1/(N π_i) makes Σ_T w_i G_i an unbiased estimate of the pool mean; the
-    weights are then divided by their sum (``self_normalize=True``, the contract's Σw = 1: a ratio
-    estimator with O(1/m) bias and lower variance). With ``self_normalize=False`` the raw,
-    exactly unbiased weights are returned (their sum is 1 only in expectation).
+    Inclusion probabilities π_i ∝ proxy (``"gini"``: 1 − Σp², ``"gini-feature"``, or
+    ``"leverage"``: ridge leverage in the last layer, :func:`leverage_scores`, with ``ridge``),
+    capped at 1; systematic sampling over a seeded random order draws exactly m distinct points
+    with those probabilities. Weight 1/(N π_i) makes Σ_T w_i G_i an unbiased estimate of the pool
+    mean; the weights are then divided by their sum (``self_normalize=True``, the contract's
+    Σw = 1: a ratio estimator with O(1/m) bias and lower variance). With
+    ``self_normalize=False`` the raw, exactly unbiased weights are returned (their sum is 1 only
+    in expectation).
     """
 
     name = "logit-importance"
 
-    def __init__(self, proxy: str = "gini", self_normalize: bool = True) -> None:
+    def __init__(self, proxy: str = "gini", self_normalize: bool = True,
+                 ridge: float | None = None) -> None:
         if proxy not in PROXIES:
             raise ValueError(f"unknown proxy {proxy!r}; known: {', '.join(PROXIES)}")
         if not isinstance(self_normalize, bool):
             raise TypeError(f"self_normalize must be True or False, got {self_normalize!r}")
+        if ridge is not None and (isinstance(ridge, bool) or not isinstance(ridge, (int, float))
+                                  or not ridge > 0):
+            raise ValueError(f"ridge must be a positive number or None, got {ridge!r}")
+        if ridge is not None and proxy != "leverage":
+            raise ValueError("ridge configures proxy='leverage'; pass it with that proxy")
         self.proxy, self.self_normalize = proxy, self_normalize
+        self.ridge = None if ridge is None else float(ridge)
 
     def _select(self, pool: Pool, m: int, rng: np.random.Generator):
         n = len(pool)
-        pi = inclusion_probabilities(curvature_proxy(pool, self.proxy), m)
+        pi = inclusion_probabilities(curvature_proxy(pool, self.proxy, self.ridge), m)
         order = rng.permutation(n)
         cum = np.concatenate([[0.0], np.cumsum(pi[order])])
         cum *= m / cum[-1]  # remove round-off so exactly m points are hit

@@ -528,6 +528,18 @@ def write_plot(path: Path, result: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- main
+def check_mergeable(old: dict[str, Any], dataset: str, info: dict[str, Any]) -> None:
+    """Refuse (SystemExit) to merge a dataset the earlier run lacks, or whose reference solve
+    came out different (another model: rows of the two could not be compared)."""
+    if dataset not in old["datasets"]:
+        raise SystemExit(f"--merge: dataset {dataset} is not in the earlier results")
+    a, b = info["reference"]["v_norm"], old["datasets"][dataset]["reference"]["v_norm"]
+    if abs(a - b) > 1e-8 * abs(b):
+        raise SystemExit(f"--merge: {dataset} reference ‖v_R‖ {a} differs from the earlier {b} "
+                         "(the model trained differently here); run the samplers to compare "
+                         "together into another --out instead")
+
+
 def merge_into(old: dict[str, Any], config: dict[str, Any], infos: dict[str, Any],
                rows: list[dict], spreads: dict[tuple, float], labels: list[str]):
     """Replace the rows of the re-run (dataset, sampler) pairs in an earlier result ``old``.
@@ -541,11 +553,7 @@ def merge_into(old: dict[str, Any], config: dict[str, Any], infos: dict[str, Any
             raise SystemExit(f"--merge: {key} = {config[key]} differs from the earlier run's "
                              f"{base[key]}; re-run everything instead")
     for d, info in infos.items():
-        if d not in old["datasets"]:
-            raise SystemExit(f"--merge: dataset {d} is not in the earlier results")
-        a, b = info["reference"]["v_norm"], old["datasets"][d]["reference"]["v_norm"]
-        if abs(a - b) > 1e-8 * abs(b):
-            raise SystemExit(f"--merge: {d} reference ‖v_R‖ {a} differs from the earlier {b}")
+        check_mergeable(old, d, info)
     redone = {(r["dataset"], r["sampler"]) for r in rows}
     kept = [r for r in old["rows"] if (r["dataset"], r["sampler"]) not in redone]
     old_spreads = {(c["dataset"], c["sampler"], c["sample_size"]): c["spread"]
@@ -606,6 +614,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in args.datasets:
             prep = prepare(name, args)
             infos[name] = prep["info"]
+            if args.merge:  # before the cells, not after them
+                check_mergeable(io.read_json(out / "faithfulness.json"), name, prep["info"])
             ref = prep["info"]["reference"]
             tqdm.write(
                 f"{name}: {prep['info']['num_params']:,} params, test acc "

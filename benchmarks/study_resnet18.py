@@ -49,6 +49,14 @@ COMMON = [
 CLAIM_SAMPLERS = ("random,logit-importance,logit-importance+cand8,logit-stratified+cand8,"
                   "feature-kmeans+cand8")
 
+#: cpu-full-claim: the time claim at full width, every cost charged: random against the two
+#: logit samplers on their cheap route (a pass over 8·m uniform candidates), two seeds, float32
+#: eigendecompositions. The references are cpu-full's (their full-pool solve alone took 90
+#: minutes here): the same model (same recipe, seed and validation split) and its η.
+FULL_CLAIM_SAMPLERS = "random,logit-importance+cand8,logit-stratified+cand8"
+#: η that cpu-full's full-pool reference picked on the validation split (its results.json).
+FULL_SCALE = "0.01"
+
 #: Every registered sampler, unless a profile names its own.
 ALL_SAMPLERS = "random,stratified,feature-kmeans,feature-herding,logit-stratified,logit-importance"
 
@@ -71,6 +79,12 @@ PROFILES: dict[str, dict[str, Any]] = {
                             "--seeds", "3", "--remove", "0", "--device", "cpu", "--threads", "1",
                             "--samplers", "random,logit-importance", "--weight-sharing",
                             "reduce"]},
+    "cpu-full-claim": {"out": "study-mnist-resnet18-full-claim",
+                       "args": ["--width", "64", "--epochs", "1", "--sizes", "64,256,1024",
+                                "--seeds", "2", "--remove", "0", "--device", "cpu",
+                                "--threads", "2", "--samplers", FULL_CLAIM_SAMPLERS,
+                                "--references", "none", "--scale", FULL_SCALE,
+                                "--eigh-dtype", "float32"]},
     "cuda": {"out": "study-mnist-resnet18-cuda",
              "args": ["--width", "64", "--epochs", "5", "--sizes", "64,128,256,512,1024,2048,4096",
                       "--seeds", "5", "--remove", "0,3", "--device", "cuda"]},

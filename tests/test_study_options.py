@@ -53,7 +53,11 @@ def test_memory_budget_does_not_change_the_cell_hash():
 @pytest.mark.parametrize("kwargs, match", [
     ({"curvature": "kfac", "solver": "cg"}, "--solver eigen"),
     ({"curvature": "ggn", "solver": "eigen"}, "--solver eigen"),
-    ({"curvature": "ggn", "fisher": "sampled"}, "--fisher, --other-layers and"),
+    ({"curvature": "ggn", "fisher": "sampled"}, "--fisher, --other-layers, --weight-sharing"),
+    ({"curvature": "ggn", "eigh_dtype": "float32"}, "--eigh-dtype configure"),
+    ({"curvature": "kfac", "solver": "eigen", "eigh_dtype": "float16"}, "--eigh-dtype must"),
+    ({"references": "none"}, "--references none needs a step scale: pass --scale"),
+    ({"references": "some", "scale": 1.0}, "--references must be"),
     ({"curvature": "ggn", "weight_sharing": "reduce"}, "leave them out with --curvature ggn"),
     ({"curvature": "kfac", "solver": "eigen", "weight_sharing": "sum"}, "--weight-sharing must"),
     ({"curvature": "kfac", "solver": "eigen", "fisher": "guess"}, "--fisher must be"),
@@ -162,3 +166,45 @@ def test_a_two_phase_study_cell_makes_its_own_pass_over_its_candidates(tmp_path)
     for c in cells.values():
         parts = c["sample_time_s"] + c["fit_s"] + c["solve_step_s"] + c["gradient_s"]
         assert c["time_s"] == pytest.approx(parts, rel=1e-6, abs=1e-9)
+
+
+def test_cli_passes_eigh_dtype_and_references_and_defaults_keep_the_hash():
+    args = _parser().parse_args([
+        "class-removal", "--curvature", "kfac", "--solver", "eigen", "--eigh-dtype", "float32",
+        "--references", "none", "--scale", "2.5"])
+    cfg = _config(args)
+    cfg.validate()
+    assert cfg.kronecker_options() == {"eigh_dtype": "float32"}
+    assert (cfg.references, cfg.scale) == ("none", 2.5)
+    # results written before the options existed resume: their defaults leave the hash alone
+    base = StudyConfig(curvature="kfac", solver="eigen")
+    assert StudyConfig(curvature="kfac", solver="eigen", references="all").cell_hash() \
+        == base.cell_hash()
+    assert StudyConfig(curvature="kfac", solver="eigen", eigh_dtype="float32").cell_hash() \
+        != base.cell_hash()
+
+
+def test_a_study_without_references_gives_the_cells_of_one_with_them(tmp_path):
+    """--references none with the η a full run picked: the same cells (the same subsets, g and
+    solve; F1 compared exactly, the update direction to float64 round-off), no reference rows,
+    and a null inverse-HVP error where there is no v_R to measure it against."""
+    from repif.studies.class_removal.study import Study
+
+    common = dict(dataset="digits", model="mlp", remove=[0], samplers=["random"], sizes=[16],
+                  seeds=2, epochs=3, limit_train=400, limit_test=100)
+    full = Study(StudyConfig(**common), tmp_path / "all", progress=False).run()
+    scale = next(r["scale"] for r in full["references"] if r["kind"] == "full")
+    study = Study(StudyConfig(**common, references="none", scale=scale), tmp_path / "none",
+                  progress=False)
+    bare = study.run()
+    assert bare["references"] == []
+    key = lambda c: (c["sampler"], c["sample_size"], c["seed"])  # noqa: E731
+    for a, b in zip(sorted(full["cells"], key=key), sorted(bare["cells"], key=key), strict=True):
+        assert (a["f1"], a["forget"], a["consistency"]) == (b["f1"], b["forget"],
+                                                             b["consistency"])
+        assert a["ihvp_rel_error"] is not None and b["ihvp_rel_error"] is None
+        assert b["ihvp_cosine"] is None and b["scale"] == scale
+    with_refs = Study(StudyConfig(**common), tmp_path / "all", progress=False)
+    for va, vb in zip(with_refs.vectors(0, "random", 16), study.vectors(0, "random", 16),
+                      strict=True):
+        torch.testing.assert_close(va, vb, rtol=1e-10, atol=1e-12)

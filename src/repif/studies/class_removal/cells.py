@@ -70,8 +70,9 @@ class Cells:
         return CellRow(
             removed_class=cls, sampler=spec, sample_size=m, seed=seed,
             **self._scores(updated, cls),
-            ihvp_rel_error=relative_error(v, self.v_full),
-            ihvp_cosine=cosine(v, self.v_full),
+            # null without the full-pool reference (references="none")
+            ihvp_rel_error=None if self.v_full is None else relative_error(v, self.v_full),
+            ihvp_cosine=None if self.v_full is None else cosine(v, self.v_full),
             time_s=meas.time_s + charged["time_s"] + grad["time_s"],
             peak_mem_bytes=max(meas.peak_mem_bytes, charged["peak_mem_bytes"],
                                grad["peak_mem_bytes"]),

@@ -24,6 +24,13 @@ CANDIDATES_PREFIX = "cand"
 #: Grid for ``scale="auto"`` (one grid for the API and the study: see repif.unlearning).
 SCALE_GRID = _SCALE_GRID
 
+#: What a run computes besides its cells: "all" the full-pool update (v_R, η, the inverse-HVP
+#: error) and the retrained model; "none" neither (η must be given; the cells' inverse-HVP error
+#: is then null), for a model whose references an earlier run measured and the hours they take
+#: are better spent on cells (docs/design.md, "Protocol"). "none" holds out the validation split
+#: as a scale="auto" run does, so the model is the one whose η is reused.
+REFERENCES = ("all", "none")
+
 #: Fields that do not change a cell's numbers (only which cells exist, or how they are shown;
 #: the memory budget only how the streamed passes are chunked).
 _GRID_FIELDS = ("remove", "samplers", "sizes", "seeds", "max_memory")
@@ -61,6 +68,11 @@ class StudyConfig:
     fisher: str | None = None
     other_layers: str | None = None
     weight_sharing: str | None = None
+    #: Precision of the Kronecker factors' eigendecompositions (repif.curvature.kfac), None: the
+    #: library's default (float64).
+    eigh_dtype: str | None = None
+    #: REFERENCES: "all" (default) or "none".
+    references: str = "all"
     #: Bytes each estimator may use per streamed chunk (repif.memory.MemoryBudget); None: a
     #: quarter of the free RAM (at most 1 GiB) or GPU memory.
     max_memory: int | None = None
@@ -68,7 +80,8 @@ class StudyConfig:
     def kronecker_options(self) -> dict[str, str]:
         """The estimator's ``kronecker_options`` for this configuration (empty: defaults)."""
         return {k: v for k, v in (("fisher", self.fisher), ("other_layers", self.other_layers),
-                                  ("weight_sharing", self.weight_sharing)) if v is not None}
+                                  ("weight_sharing", self.weight_sharing),
+                                  ("eigh_dtype", self.eigh_dtype)) if v is not None}
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and the fix."""
@@ -93,15 +106,16 @@ class StudyConfig:
         kronecker = curvature_kinds.get(self.curvature).kronecker
         solvers.check_curvature(self.curvature, self.solver, _flag)
         if self.kronecker_options() and not kronecker:
-            raise ValueError("--fisher, --other-layers and --weight-sharing configure "
-                             f"--curvature kfac/ekfac; leave them out with --curvature "
+            raise ValueError("--fisher, --other-layers, --weight-sharing and --eigh-dtype "
+                             "configure --curvature kfac/ekfac; leave them out with --curvature "
                              f"{self.curvature}")
         if self.max_memory is not None:
             MemoryBudget(self.max_memory)  # a bad figure fails here, naming the fix
         for value, choices, flag in ((self.fisher, kfac.FISHER_MODES, "--fisher"),
                                      (self.other_layers, kfac.OTHER_LAYERS, "--other-layers"),
                                      (self.weight_sharing, kfac.WEIGHT_SHARING,
-                                      "--weight-sharing")):
+                                      "--weight-sharing"),
+                                     (self.eigh_dtype, kfac.EIGH_DTYPES, "--eigh-dtype")):
             if value is not None:
                 check_choice(value, choices, flag)
         if self.width is not None and (not _is_int(self.width) or self.width < 1):
@@ -133,7 +147,12 @@ class StudyConfig:
                                  "leave it out to use all of them")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
-        if self.scale == "auto" and not (
+        check_choice(self.references, REFERENCES, "--references")
+        if self.references == "none" and self.scale == "auto":
+            raise ValueError("--references none needs a step scale: pass --scale η (e.g. the "
+                             "scale of an earlier run's full-pool reference), since η is picked "
+                             "along the full-pool update")
+        if (self.scale == "auto" or self.references == "none") and not (
             _is_finite(self.validation_fraction) and 0 < self.validation_fraction < 1
         ):
             raise ValueError("scale='auto' needs a validation_fraction in (0, 1)")
@@ -150,9 +169,11 @@ class StudyConfig:
     def cell_hash(self) -> str:
         """Hash of the fields that change a cell's numbers; cells are reused only if it matches."""
         d = {k: v for k, v in self.to_dict().items() if k not in _GRID_FIELDS}
-        for key in ("width", "fisher", "other_layers", "weight_sharing"):  # left out when unset,
-            if d[key] is None:  # so results written before they existed resume
-                del d[key]
+        for key in ("width", "fisher", "other_layers", "weight_sharing", "eigh_dtype"):
+            if d[key] is None:  # left out when unset, so results written before they existed
+                del d[key]  # resume
+        if d["references"] == "all":  # likewise
+            del d["references"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -59,7 +59,7 @@ from repif.studies.runs import (
     check_output_dir,
 )
 from repif.training import load_or_train
-from repif.unlearning import remaining_indices
+from repif.unlearning import remaining_indices, removal_gradient
 
 __all__ = ["CELL_METRICS", "MEASURED_FIELDS", "METRIC_RANGES", "RANGE_SLACK", "REFERENCE_METRICS",
            "REFERENCE_SOLVER", "Study", "StudyEnvironmentError", "StudyError", "cell_key",
@@ -100,7 +100,9 @@ class Study(References, Cells, StoredVectors):
         if len(set(c.remove)) >= ds.num_classes:
             raise StudyError("cannot remove every class: nothing would remain to be consistent on")
         val = torch.zeros(len(y), dtype=torch.bool)
-        if c.scale == "auto":
+        # references="none" reuses an η picked by a run with scale="auto": the same split keeps
+        # its model the same
+        if c.scale == "auto" or c.references == "none":
             val[torch.from_numpy(stratified_subset(
                 y.numpy(), max(1, int(c.validation_fraction * len(y))), c.train_seed))] = True
         self.train_x, self.train_y = x[~val], y[~val]
@@ -192,6 +194,11 @@ class Study(References, Cells, StoredVectors):
         bar = tqdm(total=len(grid), desc="cells", disable=not self.progress,
                    initial=len(done))
         for cls, (removed, rest) in splits.items():
+            if c.references == "none":  # η given; no v_R, so the cells' ihvp error is null
+                self.g = removal_gradient(self._estimator(solver=c.solver).fitter, removed)
+                self.v_full, scale = None, float(c.scale)
+                self._run_cells(cls, removed, rest, scale, results, rows, done, bar, path)
+                continue
             kinds = {r["kind"]: r for r in results["references"] if r["removed_class"] == cls}
             saved = self._reference_path(cls)
             tensors, why = (self._read_vectors(saved, ("full", cls)) if "full" in kinds
@@ -213,25 +220,32 @@ class Study(References, Cells, StoredVectors):
                 results["references"].append(self._retrain(cls, rest))
                 io.write_json_atomic(path, results)
             scale = kinds["full"]["scale"]
-            # samplers innermost, so that drift in machine load hits every sampler alike
-            for seed, m, spec in itertools.product(range(c.seeds), c.sizes, c.samplers):
-                key = (cls, spec, m, seed)
-                if key in done:
-                    continue
-                bar.set_postfix_str(f"class {cls} {spec} m={m} seed={seed}")
-                row = self._cell(cls, spec, m, seed, removed, rest, scale)
-                if key in rows:  # a recomputed cell replaces its row in place
-                    results["cells"][results["cells"].index(rows[key])] = row
-                else:
-                    results["cells"].append(row)
-                rows[key] = row
-                io.write_json_atomic(path, results)
-                bar.update()
+            self._run_cells(cls, removed, rest, scale, results, rows, done, bar, path)
         bar.close()
         results["environment"] = io.environment_metadata()
         results["num_params"] = self._num_params()
         io.write_json_atomic(path, results)
         return self._view(results, set(grid))
+
+    def _run_cells(self, cls: int, removed: Tensor, rest: Tensor, scale: float,
+                   results: dict[str, Any], rows: dict[tuple, dict[str, Any]], done: set,
+                   bar: tqdm, path: Path) -> None:
+        """Every cell of class ``cls`` not ``done``, each written to ``path`` when it ends."""
+        c = self.config
+        # samplers innermost, so that drift in machine load hits every sampler alike
+        for seed, m, spec in itertools.product(range(c.seeds), c.sizes, c.samplers):
+            key = (cls, spec, m, seed)
+            if key in done:
+                continue
+            bar.set_postfix_str(f"class {cls} {spec} m={m} seed={seed}")
+            row = self._cell(cls, spec, m, seed, removed, rest, scale)
+            if key in rows:  # a recomputed cell replaces its row in place
+                results["cells"][results["cells"].index(rows[key])] = row
+            else:
+                results["cells"].append(row)
+            rows[key] = row
+            io.write_json_atomic(path, results)
+            bar.update()
 
     def _view(self, results: dict[str, Any], grid: set[tuple]) -> dict[str, Any]:
         """``results`` restricted to this run's grid and removed classes (what is reported)."""

@@ -192,6 +192,9 @@ def conclusions(head: dict[str, Any], cost: dict[str, float] | None = None) -> l
                  f"({head['random_error_at_max']:.3f}) with m={best_e[1]['size']} "
                  f"({_saving(best_e[1]['time_saved'], 'time')}, "
                  f"{_saving(best_e[1]['memory_saved'], 'memory')}).")
+    elif math.isnan(head["random_error_at_max"]):
+        err_s = ("Faithfulness: not measured (no full-pool reference in this run: "
+                 "--references none).")
     else:
         err_s = (f"Faithfulness: no smart sampler reaches random's inverse-HVP error at "
                  f"m={m_max} with fewer samples.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from repif.validation import dataclass_from_dict
@@ -122,3 +123,31 @@ class Row:
 def finite_positive(v: Any) -> bool:
     """Whether ``v`` is a finite number > 0 (bools refused)."""
     return is_number(v) and v is not None and math.isfinite(v) and v > 0
+
+
+def check_rows(rows: list[Any], field: str, row_class: type[Row],
+               ranges: dict[str, tuple[float, float]], key: Callable[[dict[str, Any]], Hashable],
+               bad: Callable[[str], Exception],
+               check: Callable[[dict[str, Any], str], str | None] | None = None,
+               repeats: str = "the entry") -> None:
+    """Check every entry of ``rows`` (the list under ``field`` of a results file), in order: an
+    object; ``check(row, what)`` (a study's own checks: a message, or None); every number
+    within ``ranges``; of ``row_class``'s shape (:meth:`Row.from_dict`); a ``key`` no earlier
+    entry has. The first failure raises ``bad(message)``, the message naming the entry
+    (``cells[3] has …``)."""
+    seen: set[Hashable] = set()
+    for i, row in enumerate(rows):
+        what = f"{field}[{i}]"
+        if not isinstance(row, dict):
+            raise bad(f"{what} is not an object")
+        if check is not None and (problem := check(row, what)) is not None:
+            raise bad(problem)
+        if (problem := out_of_range(row, ranges)) is not None:
+            raise bad(f"{what} has {problem}")
+        try:  # an unknown key, or a field the checks above do not cover of the wrong type
+            row_class.from_dict(row, what)
+        except ValueError as err:
+            raise bad(str(err)) from None
+        if (k := key(row)) in seen:
+            raise bad(f"{what} repeats {repeats} {k}")
+        seen.add(k)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from repif import io
-from repif.studies.rows import Row, finite_positive, optional, out_of_range
+from repif.studies.rows import Row, check_rows, finite_positive, optional
 from repif.studies.rows import is_int as _is_int
 from repif.studies.rows import is_number as _is_number
 from repif.studies.runs import StudyError
@@ -43,8 +43,6 @@ METRIC_RANGES: dict[str, tuple[float, float]] = {
     "ihvp_rel_error": (0.0, math.inf), "time_s": (0.0, math.inf),
     "peak_mem_bytes": (0.0, math.inf),
 }
-
-#: How far past its bound round-off may carry a computed value (a cosine of two nearly equal
 
 
 @dataclass(kw_only=True)
@@ -105,6 +103,32 @@ def ref_key(row: dict[str, Any]) -> tuple[int, str]:
 
 
 
+def _check_cell(c: dict[str, Any], what: str) -> str | None:
+    """The cell checks :class:`CellRow`'s shape does not make, or makes with a vaguer message."""
+    for k in ("removed_class", "sample_size", "seed"):
+        if not _is_int(c.get(k)):
+            return f"{what} has {k}={c.get(k)!r}, not an integer"
+    if not isinstance(c.get("sampler"), str):
+        return f"{what} has sampler={c.get('sampler')!r}, not a name"
+    for k in CELL_METRICS:
+        if k not in c or not _is_number(c[k]):
+            return f"{what} has {k}={c.get(k, '(missing)')!r}, not a number or null"
+    return None
+
+
+def _check_reference(r: dict[str, Any], what: str) -> str | None:
+    """A reference's kind, its metrics, and a full-pool reference's positive scale."""
+    if not _is_int(r.get("removed_class")) or r.get("kind") not in ("full", "retrain"):
+        return (f"{what} has removed_class={r.get('removed_class')!r}, kind={r.get('kind')!r}; "
+                "expected an integer and 'full' or 'retrain'")
+    for k in REFERENCE_METRICS:
+        if k not in r or not _is_number(r[k]):
+            return f"{what} has {k}={r.get(k, '(missing)')!r}, not a number or null"
+    if r["kind"] == "full" and not finite_positive(r.get("scale")):
+        return f"{what} has scale={r.get('scale')!r}, not a positive number"
+    return None
+
+
 def check_results(obj: Any, path: Path) -> dict[str, Any]:
     """``obj`` (read from ``path``) if it has the results schema; else StudyError naming the
     first bad entry. Catches damaged and hand-edited files before anything relies on them."""
@@ -115,12 +139,6 @@ def check_results(obj: Any, path: Path) -> dict[str, Any]:
             "may hold an earlier copy) or move it away to start the study afresh"
         )
 
-    def typed(row_class: type[Row], row: dict[str, Any], what: str) -> None:
-        try:  # an unknown key, or a field the checks above do not cover of the wrong type
-            row_class.from_dict(row, what)
-        except ValueError as err:
-            raise bad(str(err)) from None
-
     if not isinstance(obj, dict):
         raise bad(f"holds a JSON {type(obj).__name__}, not an object")
     h = obj.get("config_hash")
@@ -129,44 +147,10 @@ def check_results(obj: Any, path: Path) -> dict[str, Any]:
     for field in ("references", "cells"):
         if not isinstance(obj.get(field), list):
             raise bad(f"'{field}' is {type(obj.get(field)).__name__}, not a list")
-    seen: set[tuple] = set()
-    for i, c in enumerate(obj["cells"]):
-        if not isinstance(c, dict):
-            raise bad(f"cells[{i}] is not an object")
-        for k in ("removed_class", "sample_size", "seed"):
-            if not _is_int(c.get(k)):
-                raise bad(f"cells[{i}] has {k}={c.get(k)!r}, not an integer")
-        if not isinstance(c.get("sampler"), str):
-            raise bad(f"cells[{i}] has sampler={c.get('sampler')!r}, not a name")
-        for k in CELL_METRICS:
-            if k not in c or not _is_number(c[k]):
-                raise bad(f"cells[{i}] has {k}={c.get(k, '(missing)')!r}, not a number or null")
-        if (problem := out_of_range(c, METRIC_RANGES)) is not None:
-            raise bad(f"cells[{i}] has {problem}")
-        typed(CellRow, c, f"cells[{i}]")
-        if cell_key(c) in seen:
-            raise bad(f"cells[{i}] repeats the grid point {cell_key(c)}")
-        seen.add(cell_key(c))
-    seen = set()
-    for i, r in enumerate(obj["references"]):
-        if not isinstance(r, dict):
-            raise bad(f"references[{i}] is not an object")
-        if not _is_int(r.get("removed_class")) or r.get("kind") not in ("full", "retrain"):
-            raise bad(f"references[{i}] has removed_class={r.get('removed_class')!r}, "
-                      f"kind={r.get('kind')!r}; expected an integer and 'full' or 'retrain'")
-        for k in REFERENCE_METRICS:
-            if k not in r or not _is_number(r[k]):
-                raise bad(f"references[{i}] has {k}={r.get(k, '(missing)')!r}, not a number "
-                          "or null")
-        if (problem := out_of_range(r, METRIC_RANGES)) is not None:
-            raise bad(f"references[{i}] has {problem}")
-        scale = r.get("scale")
-        if r["kind"] == "full" and not finite_positive(scale):
-            raise bad(f"references[{i}] has scale={scale!r}, not a positive number")
-        typed(ReferenceRow, r, f"references[{i}]")
-        if ref_key(r) in seen:
-            raise bad(f"references[{i}] repeats ({r['removed_class']}, {r['kind']!r})")
-        seen.add(ref_key(r))
+    check_rows(obj["cells"], "cells", CellRow, METRIC_RANGES, cell_key, bad, _check_cell,
+               "the grid point")
+    check_rows(obj["references"], "references", ReferenceRow, METRIC_RANGES, ref_key, bad,
+               _check_reference, "the reference")
     return obj
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from repif import io
 from repif.studies.evaluation.config import EvaluationError
-from repif.studies.rows import Row, is_int, optional, out_of_range
+from repif.studies.rows import Row, check_rows, is_int, optional, out_of_range
 
 #: What a LOO cell reports besides the per-test correlation, under each convention.
 LOO_EXTRAS = ("pooled", "slope", "median_rel_error")
@@ -69,6 +69,31 @@ CELL_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+def _check_cell(c: dict[str, Any], what: str) -> str | None:
+    """The cell checks :class:`EvaluationRow`'s shape does not make, or makes with a vaguer
+    message: a method name, integer size and seed, a damping, each per-test score in range."""
+    if not isinstance(c.get("method"), str):
+        return f"{what} has method={c.get('method')!r}, not a name"
+    for k in ("sample_size", "seed"):
+        if not is_int(c.get(k)):
+            return f"{what} has {k}={c.get(k)!r}, not an integer"
+    for k in ("damping", "score", "score_se", "time_s", "peak_mem_bytes"):
+        v = c.get(k, "(missing)")
+        if not (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))):
+            return f"{what} has {k}={v!r}, not a number or null"
+    if c["damping"] is None:
+        return f"{what} has no damping"
+    per_test = c.get("per_test", [])
+    if not isinstance(per_test, list):
+        return f"{what} has per_test={per_test!r}, not a list"
+    for t, v in enumerate(per_test):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"{what} has per_test[{t}]={v!r}, not a number or null"
+        if v is not None and (problem := out_of_range({"score": v}, CELL_RANGES)):
+            return f"{what} has per_test[{t}]: {problem}"
+    return None
+
+
 def check_results(obj: Any, path: Path) -> dict[str, Any]:
     """``obj`` if it has the evaluation results schema, else EvaluationError naming the first
     bad entry (a damaged or hand-edited file is refused, never half-used)."""
@@ -85,38 +110,8 @@ def check_results(obj: Any, path: Path) -> dict[str, Any]:
         raise bad(f"'config_hash' is {h!r}, not a hexadecimal hash")
     if not isinstance(obj.get("cells"), list):
         raise bad("'cells' is not a list")
-    seen: set[tuple] = set()
-    for i, c in enumerate(obj["cells"]):
-        if not isinstance(c, dict):
-            raise bad(f"cells[{i}] is not an object")
-        if not isinstance(c.get("method"), str):
-            raise bad(f"cells[{i}] has method={c.get('method')!r}, not a name")
-        for k in ("sample_size", "seed"):
-            if not is_int(c.get(k)):
-                raise bad(f"cells[{i}] has {k}={c.get(k)!r}, not an integer")
-        for k in ("damping", "score", "score_se", "time_s", "peak_mem_bytes"):
-            v = c.get(k, "(missing)")
-            if not (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))):
-                raise bad(f"cells[{i}] has {k}={v!r}, not a number or null")
-        if c["damping"] is None:
-            raise bad(f"cells[{i}] has no damping")
-        if (problem := out_of_range(c, CELL_RANGES)) is not None:
-            raise bad(f"cells[{i}] has {problem}")
-        per_test = c.get("per_test", [])
-        if not isinstance(per_test, list):
-            raise bad(f"cells[{i}] has per_test={per_test!r}, not a list")
-        for t, v in enumerate(per_test):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise bad(f"cells[{i}] has per_test[{t}]={v!r}, not a number or null")
-            if v is not None and (problem := out_of_range({"score": v}, CELL_RANGES)):
-                raise bad(f"cells[{i}] has per_test[{t}]: {problem}")
-        try:  # an unknown key, or a field the checks above do not cover of the wrong type
-            EvaluationRow.from_dict(c, f"cells[{i}]")
-        except ValueError as err:
-            raise bad(str(err)) from None
-        if cell_key(c) in seen:
-            raise bad(f"cells[{i}] repeats the cell {cell_key(c)}")
-        seen.add(cell_key(c))
+    check_rows(obj["cells"], "cells", EvaluationRow, CELL_RANGES, cell_key, bad, _check_cell,
+               "the cell")
     return obj
 
 

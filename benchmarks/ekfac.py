@@ -60,14 +60,12 @@ Writes ``ekfac.json`` and ``ekfac.md`` to ``--out``, replacing only the problems
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -80,6 +78,9 @@ import repif
 from repif import datasets, io, models, training
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from _memory import PeakRSS  # noqa: E402
+
 WEIGHT_DECAY = 1e-3
 TARGET = 1e-3  # relative error of the inverse-HVP for the iteration counts
 SAMPLERS = ("random", "logit-importance")
@@ -158,42 +159,6 @@ def correlations(scores: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 def rel(v: torch.Tensor, ref: torch.Tensor) -> float:
     return float((v - ref).norm() / ref.norm())
-
-
-def _rss_bytes() -> int:
-    """Resident memory of this process now (Linux: /proc/self/statm)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, polled on a thread every ``interval``
-    seconds (torch releases the GIL in its kernels). Free heap is handed back to the system
-    first (glibc ``malloc_trim``), so memory freed by earlier steps is not reused unseen."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval, self.base, self.peak, self.growth = interval, 0, 0, 0
-
-    def __enter__(self) -> PeakRSS:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        self.base = self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-        self.growth = self.peak - self.base
 
 
 class Problem:

@@ -64,7 +64,6 @@ only, the scores checked equal to the first run's) and the report uses medians o
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -72,7 +71,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -84,6 +82,8 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 BENCH = HERE.parent
 ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+from _memory import PeakRSS, peak_rss_bytes  # noqa: E402
 
 CONFIG = {"width": 16, "train_images": 60_000, "epochs": 1, "batch_size": 128, "lr": 1e-3,
           "pool": 10_000, "queries": 100, "damping": 0.01, "weight_decay": 0.0, "seed": 0,
@@ -143,53 +143,6 @@ def to_rgb32(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- measurement
-def peak_rss_bytes() -> int:
-    """This process's whole-life peak resident memory (VmHWM; reset by exec, unlike the
-    ``ru_maxrss`` of a forked child, which keeps the parent's peak at the fork)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, polled on a thread every ``interval``
-    seconds; ``mark()`` reads the peak so far. Free heap is returned to the system first."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval, self.base, self.peak = interval, 0, 0
-
-    def __enter__(self) -> PeakRSS:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        self.base = self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_bytes())
-
-    def mark(self) -> int:
-        self.peak = max(self.peak, rss_bytes())
-        return self.peak - self.base
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.mark()
-
-
 def correlations(scores: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """Mean over query rows of the row-wise Pearson and Spearman correlations."""
     from scipy.stats import pearsonr, spearmanr

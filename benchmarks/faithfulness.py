@@ -529,10 +529,11 @@ def write_plot(path: Path, result: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------------- main
 def check_mergeable(old: dict[str, Any], dataset: str, info: dict[str, Any]) -> None:
-    """Refuse (SystemExit) to merge a dataset the earlier run lacks, or whose reference solve
-    came out different (another model: rows of the two could not be compared)."""
+    """Refuse (SystemExit) to merge a dataset whose reference solve came out different from the
+    earlier run's (another model: rows of the two could not be compared). A dataset the earlier
+    run lacks is added."""
     if dataset not in old["datasets"]:
-        raise SystemExit(f"--merge: dataset {dataset} is not in the earlier results")
+        return
     a, b = info["reference"]["v_norm"], old["datasets"][dataset]["reference"]["v_norm"]
     if abs(a - b) > 1e-8 * abs(b):
         raise SystemExit(f"--merge: {dataset} reference ‖v_R‖ {a} differs from the earlier {b} "
@@ -544,8 +545,9 @@ def merge_into(old: dict[str, Any], config: dict[str, Any], infos: dict[str, Any
                rows: list[dict], spreads: dict[tuple, float], labels: list[str]):
     """Replace the rows of the re-run (dataset, sampler) pairs in an earlier result ``old``.
 
-    Keeps the earlier configuration (recording this run under ``config["merges"]``); refuses a
-    run with other seeds, sizes or damping, or whose reference solve differs from the earlier one.
+    Keeps the earlier configuration (recording this run under ``config["merges"]``) and adds
+    the datasets it lacks; refuses a run with other seeds, sizes or damping, or whose reference
+    solve differs from the earlier one.
     """
     base = old["config"]
     for key in ("seeds", "sizes", "damping"):
@@ -560,12 +562,15 @@ def merge_into(old: dict[str, Any], config: dict[str, Any], infos: dict[str, Any
                    for c in old["summary"] if (c["dataset"], c["sampler"]) not in redone}
     old_labels = list(dict.fromkeys(r["sampler"] for r in old["rows"]))
     merged = dict(base)
+    merged["datasets"] = base["datasets"] + [d for d in config["datasets"]
+                                             if d not in base["datasets"]]
     merged["merges"] = [*base.get("merges", []), {
         "datasets": config["datasets"], "samplers": config["samplers"],
         "shrinkage_variants": config["shrinkage_variants"], "git": config["git"],
         "wall_s": config["wall_s"],
     }]
-    return (merged, old["datasets"], kept + rows, {**old_spreads, **spreads},
+    infos = {**old["datasets"], **{d: i for d, i in infos.items() if d not in old["datasets"]}}
+    return (merged, infos, kept + rows, {**old_spreads, **spreads},
             old_labels + [lb for lb in labels if lb not in old_labels])
 
 

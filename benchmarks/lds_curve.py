@@ -61,6 +61,10 @@ CURVES = {
         "--dampings 0.01,0.1   # two torch threads",
         f"python benchmarks/lds.py lr --methods {BLEND}@logit-importance+proxy=leverage "
         "--sizes 50,100,250,500 --seeds 5 --dampings 0.03   # two torch threads",
+        "python benchmarks/lds.py lr --methods ggn:woodbury+prior=ekfac+prior_mode=blend+"
+        "prior_weight=0.3@logit-importance,ggn:woodbury+prior=ekfac+prior_mode=blend+"
+        "prior_weight=0.3@logit-importance+proxy=leverage --sizes 500 --seeds 3 "
+        "--dampings 0.01,0.03",
         "(the plain ggn:woodbury@random / @logit-importance cells and the whole-pool rows: the "
         "commands of lds-mnist-lr.md)",
     ],

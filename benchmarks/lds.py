@@ -38,6 +38,8 @@ from repif.studies.evaluation.report import reliability
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA_DIR = os.environ.get("MNIST_DIR", "/work/data/mnist")
+#: None: the loader's own search (``apt-get install dataset-fashion-mnist`` puts it there).
+FASHION_DIR = os.environ.get("FASHION_MNIST_DIR")
 
 #: dattri's published LDS (and LOO) on MNIST-10, read from the paper's figure (±0.003).
 DATTRI = {
@@ -51,6 +53,7 @@ DATTRI = {
     "loo-lr-stable": {"LOO": {"IF explicit": 0.875, "IF CG": 0.881}},
 }
 DATTRI["lr-stable"] = DATTRI["lr"]
+DATTRI["cnn"] = {}  # no published row for this model
 
 COMMON = dict(dataset="mnist", data_dir=DATA_DIR, limit_train=5000, limit_test=500, first=True,
               metric="lds", target="loss", subsets=50, fraction=0.5, gt_seeds=1, noise=True,
@@ -67,6 +70,16 @@ SETTINGS = {
                          "ggn:woodbury@logit-importance", "ekfac:eigen@logit-importance"],
                 sizes=[50, 100, 250], seeds=2, dampings=[0.01, 0.1], dtype="float32"),
 }
+#: The convolutional model: repif's SmallCNN (two 3×3 conv blocks, 16 hidden units) on the first
+#: 2,000 Fashion-MNIST training and 200 test images, Adam with weight decay 1e-3 (which the
+#: curvature includes), 20 epochs (a recipe of ours: dattri publishes no such row).
+SETTINGS["cnn"] = dict(COMMON, dataset="fashion-mnist", data_dir=FASHION_DIR, limit_train=2000,
+                       limit_test=200, model="cnn", hidden=16, epochs=20, lr=1e-3, batch_size=64,
+                       optimizer="adam", momentum=None, weight_decay=1e-3,
+                       methods=["grad-dot", "ggn:direct", "kfac:eigen", "ekfac:eigen",
+                                "ggn:woodbury@random", "ggn:woodbury@logit-importance",
+                                "ggn:woodbury@first"],
+                       sizes=[20, 40, 100, 200, 400], seeds=5, dampings=[0.01, 0.1])
 #: Leave-one-out: 100 training points drawn at random, each left out in turn.
 SETTINGS["loo-lr"] = dict(SETTINGS["lr"], metric="loo", loo_points=100,
                           methods=["grad-dot", "ggn:direct", "ggn:woodbury@logit-importance"],
@@ -89,7 +102,10 @@ MLP_MAX_MEMORY = 6 * 2**30
 
 
 def stem(name: str) -> str:
-    """File stem of a setting's results: lds-mnist-lr, lds-mnist-mlp, loo-mnist-lr, …"""
+    """File stem of a setting's results: lds-mnist-lr, lds-mnist-mlp, loo-mnist-lr, …,
+    lds-fashion-cnn."""
+    if name == "cnn":
+        return "lds-fashion-cnn"
     return f"loo-mnist-{name[4:]}" if name.startswith("loo-") else f"lds-mnist-{name}"
 
 
@@ -142,6 +158,9 @@ RUNS = {
     ],
     "loo-lr-stable": [
         "python benchmarks/lds.py loo-lr-stable",
+    ],
+    "cnn": [
+        "python benchmarks/lds.py cnn",
     ],
     "lr-stable": [
         "python benchmarks/lds.py lr-stable",
@@ -237,11 +256,14 @@ def summarise(name: str, out: Path) -> None:
     cfg = results["config"]
     tried = sorted({float(c["damping"]) for c in results["cells"] if c["damping"]})
     runs = "\n".join(f"    {cmd}" for cmd in RUNS[name]) or f"    python benchmarks/lds.py {name}"
-    lines = [f"# {metric} on MNIST-10 ({name.upper()}), against dattri's published table", "",
+    title = (f"# {metric} on MNIST-10 ({name.upper()}), against dattri's published table"
+             if DATTRI[name] else f"# {metric} on {cfg['dataset']} ({name.upper()})")
+    lines = [title, "",
              "Commands (in order; each resumes the run and adds cells, one torch thread):", "",
              runs, "",
              f"Run directory `benchmarks/results/{stem(name)}/` (results.json, report.html, "
-             "plots). First 5,000 training / 500 test images; ground truth: "
+             f"plots). First {cfg['limit_train']:,} training / {cfg['limit_test']:,} test "
+             "images; ground truth: "
              + (f"{gt.get('loo_points')} training points drawn at random, each left out in "
                 "turn and the model retrained on the other 4,999 with the same recipe and seed"
                 if metric == "LOO" else
@@ -251,9 +273,10 @@ def summarise(name: str, out: Path) -> None:
              f"{results.get('num_params', '?')} parameters. Damping picked per row among those "
              f"tried for it (of {', '.join(f'{d:g}' for d in tried)}) by its {metric} on these "
              "test points (as dattri does). ± is the "
-             "standard error over the 500 test points; seed sd the spread over "
-             "curvature-sample seeds. Time and peak memory (RSS growth) cover the curvature "
-             "fit and all 500 × 5,000 scores, on a shared 2-core CPU with one torch thread.",
+             f"standard error over the {cfg['limit_test']:,} test points; seed sd the spread "
+             "over curvature-sample seeds. Time and peak memory (RSS growth) cover the "
+             f"curvature fit and all {cfg['limit_test']:,} × {cfg['limit_train']:,} scores, on "
+             "a shared 2-core CPU with one torch thread.",
              ""]
     rel = reliability(results)
     if rel:
@@ -324,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dampings:
             settings["dampings"] = [float(d) for d in args.dampings.split(",")]
         config = EvaluationConfig(**settings)
-        if config.model == "linear":  # repif's built-in recipe
+        if config.model in ("linear", "cnn"):  # repif's built-in recipe
             run = Evaluation(config, out)
         elif "stable-order" in config.model:
             run = Evaluation(config, out, data=first_mnist(), recipe=stable_lr_recipe())

@@ -91,8 +91,6 @@ CURVES = {
     ],
     "cnn": [
         "python benchmarks/lds.py cnn",
-        f"python benchmarks/lds.py cnn --methods {BLEND}@random,{BLEND}@logit-importance "
-        "--sizes 20,40,100,200 --seeds 5 --dampings 0.01,0.1",
     ],
 }
 

@@ -141,6 +141,10 @@ def summarise(profile: str) -> Path:
 
     out = RESULTS / PROFILES[profile]["out"]
     results = io.read_json(out / "results.json")
+    cfg = results["config"]  # the last run's grid, as the command reports it (cells of a larger
+    results["cells"] = [c for c in results["cells"]  # earlier grid stay in results.json)
+                        if c["sample_size"] in cfg["sizes"] and c["seed"] < cfg["seeds"]
+                        and c["sampler"] in cfg["samplers"]]
     study = Study(StudyConfig.from_dict(results["config"]), out, progress=False)
 
     def vectors(cls: int, spec: str, m: int) -> list:

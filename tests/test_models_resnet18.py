@@ -150,7 +150,8 @@ def test_cli_and_study_config_carry_width():
     with pytest.raises(ValueError, match="--width"):
         StudyConfig(width=0).validate()
     # an unset width leaves the cell hash as it was before the field existed (results resume)
-    later = ("width", "fisher", "other_layers", "weight_sharing")  # added since, None by default
+    # added since, None (or "all") by default
+    later = ("width", "fisher", "other_layers", "weight_sharing", "eigh_dtype", "references")
     old = {k: v for k, v in StudyConfig().to_dict().items() if k not in (*_GRID_FIELDS, *later)}
     digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert StudyConfig().cell_hash() == digest != StudyConfig(width=8).cell_hash()

@@ -49,8 +49,11 @@ SAMPLER_VALUES: dict[str, dict[str, object]] = {
     "feature-kmeans": {"n_clusters": 5, "pick": "nearest"},
     "feature-herding": {"n_features": 7},
     "logit-stratified": {"statistic": "entropy", "n_bins": 3},
-    "logit-importance": {"proxy": "gini-feature", "self_normalize": False},
+    "logit-importance": {"proxy": "gini-feature", "self_normalize": False, "ridge": 0.05},
 }
+#: Options that configure another one, with the value that one needs.
+SAMPLER_COMPANIONS: dict[tuple[str, str], dict[str, object]] = {
+    ("logit-importance", "ridge"): {"proxy": "leverage"}}
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +121,8 @@ def test_an_option_given_twice_or_to_the_wrong_solver_names_it(problem):
                                             for o in opts])
 def test_each_sampler_option_arrives(problem, sampler, option):
     value = SAMPLER_VALUES[sampler][option]
-    est = _estimator(problem, "cg", sampler=sampler, sampler_options={option: value})
+    given = {option: value, **SAMPLER_COMPANIONS.get((sampler, option), {})}
+    est = _estimator(problem, "cg", sampler=sampler, sampler_options=given)
     assert getattr(est.sampler, option) == value
     assert len(est.draw().subset.indices) == SUBSET  # and the sampler runs with it
 

@@ -36,11 +36,16 @@ class Cells:
         and is charged this cost in full, as if it had made the pass (docs/design.md,
         "Protocol")."""
         if cls not in self.gradient_pass:
-            est = self._estimator(solver=self.config.solver)
-            with measure(self.device) as m:
-                removal_gradient(est.fitter, removed)
-            self.gradient_pass[cls] = {"time_s": m.time_s, "peak_mem_bytes": m.peak_mem_bytes}
+            self._measured_gradient(cls, removed)
         return self.gradient_pass[cls]
+
+    def _measured_gradient(self, cls: int, removed: Tensor) -> Tensor:
+        """The removed points' gradient g, its cost kept as class ``cls``'s gradient pass."""
+        est = self._estimator(solver=self.config.solver)
+        with measure(self.device) as m:
+            g = removal_gradient(est.fitter, removed)
+        self.gradient_pass[cls] = {"time_s": m.time_s, "peak_mem_bytes": m.peak_mem_bytes}
+        return g
 
     def _scores(self, model: nn.Module, cls: int) -> dict[str, float]:
         pred = predict(model, self.test[0])

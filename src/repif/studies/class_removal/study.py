@@ -59,7 +59,7 @@ from repif.studies.runs import (
     check_output_dir,
 )
 from repif.training import load_or_train
-from repif.unlearning import remaining_indices, removal_gradient
+from repif.unlearning import remaining_indices
 
 __all__ = ["CELL_METRICS", "MEASURED_FIELDS", "METRIC_RANGES", "RANGE_SLACK", "REFERENCE_METRICS",
            "REFERENCE_SOLVER", "Study", "StudyEnvironmentError", "StudyError", "cell_key",
@@ -195,7 +195,7 @@ class Study(References, Cells, StoredVectors):
                    initial=len(done))
         for cls, (removed, rest) in splits.items():
             if c.references == "none":  # η given; no v_R, so the cells' ihvp error is null
-                self.g = removal_gradient(self._estimator(solver=c.solver).fitter, removed)
+                self.g = self._measured_gradient(cls, removed)  # and its pass is measured
                 self.v_full, scale = None, float(c.scale)
                 self._run_cells(cls, removed, rest, scale, results, rows, done, bar, path)
                 continue

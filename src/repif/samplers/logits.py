@@ -47,6 +47,14 @@ def curvature_proxy(pool: Pool, proxy: str, ridge: float | None = None) -> np.nd
     raise ValueError(f"unknown proxy {proxy!r}; known: {', '.join(PROXIES)}")
 
 
+def check_ridge(ridge: object) -> float:
+    """``ridge`` as a float; ValueError unless it is a positive number (bools refused)."""
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0:
+        raise ValueError(f"ridge must be a positive number (or None for a relative one), "
+                         f"got {ridge!r}")
+    return float(ridge)
+
+
 def leverage_scores(pool: Pool, ridge: float | None = None) -> torch.Tensor:
     """(k,) ridge leverage of each point in the last layer's curvature, from logits and features.
 
@@ -67,11 +75,8 @@ def leverage_scores(pool: Pool, ridge: float | None = None) -> torch.Tensor:
     s, q_s = torch.linalg.eigh(lam_mean)
     a, q_a = torch.linalg.eigh(f.T @ f / len(f))
     s, a = s.clamp_min(0.0), a.clamp_min(0.0)
-    if ridge is None:
-        ridge = LEVERAGE_RIDGE * float(s.mean() * a.mean())
-    elif not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not ridge > 0:
-        raise ValueError(f"ridge must be a positive number (or None for a relative one), "
-                         f"got {ridge!r}")
+    ridge = (LEVERAGE_RIDGE * float(s.mean() * a.mean()) if ridge is None
+             else check_ridge(ridge))
     u = p @ q_s.square() - (p @ q_s).square()  # diag(Q_Sᵀ Λ_i Q_S), (k, C)
     v = (f @ q_a).square()  # (Q_Aᵀ f̃_i)², (k, d + 1)
     inv = 1.0 / (s[:, None] * a[None, :] + ridge)  # (C, d + 1)
@@ -154,13 +159,10 @@ class LogitImportanceSampler(Sampler):
             raise ValueError(f"unknown proxy {proxy!r}; known: {', '.join(PROXIES)}")
         if not isinstance(self_normalize, bool):
             raise TypeError(f"self_normalize must be True or False, got {self_normalize!r}")
-        if ridge is not None and (isinstance(ridge, bool) or not isinstance(ridge, (int, float))
-                                  or not ridge > 0):
-            raise ValueError(f"ridge must be a positive number or None, got {ridge!r}")
         if ridge is not None and proxy != "leverage":
             raise ValueError("ridge configures proxy='leverage'; pass it with that proxy")
         self.proxy, self.self_normalize = proxy, self_normalize
-        self.ridge = None if ridge is None else float(ridge)
+        self.ridge = None if ridge is None else check_ridge(ridge)
 
     def _select(self, pool: Pool, m: int, rng: np.random.Generator):
         n = len(pool)

@@ -15,7 +15,7 @@ from typing import Any
 
 from repif import io
 from repif.studies.evaluation.config import EvaluationError
-from repif.studies.rows import Row, check_rows, is_int, optional, out_of_range
+from repif.studies.rows import Row, check_rows, is_int, is_number, optional, out_of_range
 
 #: What a LOO cell reports besides the per-test correlation, under each convention.
 LOO_EXTRAS = ("pooled", "slope", "median_rel_error")
@@ -79,7 +79,7 @@ def _check_cell(c: dict[str, Any], what: str) -> str | None:
             return f"{what} has {k}={c.get(k)!r}, not an integer"
     for k in ("damping", "score", "score_se", "time_s", "peak_mem_bytes"):
         v = c.get(k, "(missing)")
-        if not (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))):
+        if not is_number(v):
             return f"{what} has {k}={v!r}, not a number or null"
     if c["damping"] is None:
         return f"{what} has no damping"
@@ -87,7 +87,7 @@ def _check_cell(c: dict[str, Any], what: str) -> str | None:
     if not isinstance(per_test, list):
         return f"{what} has per_test={per_test!r}, not a list"
     for t, v in enumerate(per_test):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        if not is_number(v):
             return f"{what} has per_test[{t}]={v!r}, not a number or null"
         if v is not None and (problem := out_of_range({"score": v}, CELL_RANGES)):
             return f"{what} has per_test[{t}]: {problem}"

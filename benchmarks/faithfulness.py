@@ -528,6 +528,16 @@ def write_plot(path: Path, result: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- main
+def check_merge_grid(old: dict[str, Any], grid: dict[str, Any]) -> None:
+    """Refuse (SystemExit) to merge a run whose seeds, sizes or damping (``grid``) differ from
+    the earlier run's."""
+    base = old["config"]
+    for key in ("seeds", "sizes", "damping"):
+        if base[key] != grid[key]:
+            raise SystemExit(f"--merge: {key} = {grid[key]} differs from the earlier run's "
+                             f"{base[key]}; re-run everything instead")
+
+
 def check_mergeable(old: dict[str, Any], dataset: str, info: dict[str, Any]) -> None:
     """Refuse (SystemExit) to merge a dataset whose reference solve came out different from the
     earlier run's (another model: rows of the two could not be compared). A dataset the earlier
@@ -546,16 +556,10 @@ def merge_into(old: dict[str, Any], config: dict[str, Any], infos: dict[str, Any
     """Replace the rows of the re-run (dataset, sampler) pairs in an earlier result ``old``.
 
     Keeps the earlier configuration (recording this run under ``config["merges"]``) and adds
-    the datasets it lacks; refuses a run with other seeds, sizes or damping, or whose reference
-    solve differs from the earlier one.
+    the datasets it lacks. The run was checked against ``old`` before its cells
+    (:func:`check_merge_grid`, :func:`check_mergeable`).
     """
     base = old["config"]
-    for key in ("seeds", "sizes", "damping"):
-        if base[key] != config[key]:
-            raise SystemExit(f"--merge: {key} = {config[key]} differs from the earlier run's "
-                             f"{base[key]}; re-run everything instead")
-    for d, info in infos.items():
-        check_mergeable(old, d, info)
     redone = {(r["dataset"], r["sampler"]) for r in rows}
     kept = [r for r in old["rows"] if (r["dataset"], r["sampler"]) not in redone]
     old_spreads = {(c["dataset"], c["sampler"], c["sample_size"]): c["spread"]
@@ -606,6 +610,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     variants = [False] if args.no_shrink else [False, True]
     labels = [s + (SHRINK_SUFFIX if v else "") for s in args.samplers for v in variants]
+    earlier = io.read_json(out / "faithfulness.json") if args.merge else None
+    if earlier is not None:  # before any cell runs, not after them all
+        check_merge_grid(earlier, {"seeds": args.seeds, "sizes": args.sizes,
+                                   "damping": args.damping})
     rows: list[dict] = []
     spreads: dict[tuple, float] = {}
     infos: dict[str, Any] = {}
@@ -619,8 +627,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in args.datasets:
             prep = prepare(name, args)
             infos[name] = prep["info"]
-            if args.merge:  # before the cells, not after them
-                check_mergeable(io.read_json(out / "faithfulness.json"), name, prep["info"])
+            if earlier is not None:  # before the cells, not after them
+                check_mergeable(earlier, name, prep["info"])
             ref = prep["info"]["reference"]
             tqdm.write(
                 f"{name}: {prep['info']['num_params']:,} params, test acc "
@@ -674,9 +682,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "git": git,
         "wall_s": time.perf_counter() - started,
     }
-    if args.merge:
+    if earlier is not None:
         config, infos, rows, spreads, labels = merge_into(
-            io.read_json(out / "faithfulness.json"), config, infos, rows, spreads, labels
+            earlier, config, infos, rows, spreads, labels
         )
     order = {lb: i for i, lb in enumerate(labels)}
     rows.sort(key=lambda r: (config["datasets"].index(r["dataset"]), order[r["sampler"]],

@@ -37,3 +37,11 @@ def test_a_merge_refuses_another_model_and_adds_a_new_dataset():
     f.check_mergeable(old, "fashion-mnist", {"reference": {"v_norm": 2.19}})  # added
     with pytest.raises(SystemExit, match="differs from the earlier"):
         f.check_mergeable(old, "digits", {"reference": {"v_norm": 0.05391}})
+
+
+def test_a_merge_refuses_another_grid_before_its_cells():
+    f = _faithfulness()
+    old = {"config": {"seeds": 20, "sizes": [16, 32], "damping": 0.01}}
+    f.check_merge_grid(old, {"seeds": 20, "sizes": [16, 32], "damping": 0.01})
+    with pytest.raises(SystemExit, match="seeds = 5 differs"):
+        f.check_merge_grid(old, {"seeds": 5, "sizes": [16, 32], "damping": 0.01})

@@ -27,6 +27,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"
 VENVS = Path(os.environ.get("PEER_VENVS", "/tmp/peer-venvs"))
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from _process import wait_child  # noqa: E402
 from arch import PROBLEM_DIR, PROBLEMS  # noqa: E402
 from report import write  # noqa: E402
 
@@ -68,18 +70,7 @@ def run_one(lib, problem, method, target: str, tmp: Path, timeout: float) -> dic
     proc = subprocess.Popen([python, str(HERE / script), "--problem", problem, "--method",
                              method, "--out", str(out)], env=ENV, cwd=HERE, stdout=log,
                             stderr=subprocess.STDOUT)
-    status = None
-    while status is None:
-        pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            status = os.waitstatus_to_exitcode(st)
-            break
-        if time.perf_counter() - t0 > timeout:
-            proc.kill()
-            _, st, ru = os.wait4(proc.pid, 0)
-            status = "timeout"
-            break
-        time.sleep(0.05)
+    status, ru = wait_child(proc, timeout, poll=0.05, started=t0)
     proc.returncode = status if isinstance(status, int) else -9
     wall = time.perf_counter() - t0
     rec = {"wall_s": wall, "peak_mem_bytes": ru.ru_maxrss * 1024}

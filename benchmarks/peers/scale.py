@@ -84,6 +84,7 @@ BENCH = HERE.parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 from _memory import PeakRSS, peak_rss_bytes  # noqa: E402
+from _process import wait_child  # noqa: E402
 
 CONFIG = {"width": 16, "train_images": 60_000, "epochs": 1, "batch_size": 128, "lr": 1e-3,
           "pool": 10_000, "queries": 100, "damping": 0.01, "weight_decay": 0.0, "seed": 0,
@@ -353,17 +354,7 @@ def run_child(name: str, problem: Path, out: Path, timeout: float) -> dict:
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen([sys.executable, __file__, "--child", name, str(problem),
                                  str(out)], env=env, stdout=log, stderr=subprocess.STDOUT)
-        status = None
-        while status is None:
-            pid, st, _ = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                status = os.waitstatus_to_exitcode(st)
-                break
-            if time.perf_counter() - t0 > timeout:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                status = "timeout"
-            time.sleep(0.5)
+        status, _ = wait_child(proc, timeout, poll=0.5, started=t0)
         log.seek(0)
         text = log.read()
     wall = time.perf_counter() - t0

@@ -275,7 +275,15 @@ def test_method_names():
     m = parse_method("ggn:woodbury@logit-importance+proxy=gini-feature+shrink")
     assert (m.sampler, m.shrinkage, dict(m.sampler_options)) == (
         "logit-importance", "auto", {"proxy": "gini-feature"})
+    m = parse_method("ekfac+basis_size=pool+fisher=sampled:eigen@logit-importance")
+    assert (m.curvature, m.solver, dict(m.curvature_options)) == (
+        "ekfac", "eigen", {"basis_size": "pool", "fisher": "sampled"})
+    m = parse_method("ekfac+basis_size=300:eigen")
+    assert dict(m.curvature_options) == {"basis_size": 300} and not m.sampled
     for bad, msg in [("ggn:woodbury+prior@random", "key=value"),
+                     ("ekfac+basis_size=0:eigen@random", "basis_size must be"),
+                     ("kfac+basis_size=10:eigen", "use curvature='ekfac'"),
+                     ("ggn+fisher=sampled:woodbury@random", "kronecker_options configure"),
                      ("ggn:woodbury@logit-importance+proxy=trace", "proxy"),
                      ("ggn:woodbury+prio=ekfac", "does not take"),
                      ("ggn:woodbury+prior=diag", "prior must be")]:

@@ -73,7 +73,9 @@ class InfluenceEstimator(Scoring, ProjectedScoring):
     ``preconditioner="ekfac"`` solves the exact subset curvature with those factors as the
     preconditioner. ``kronecker_options`` configure either fit: ``fisher`` ("exact" or
     "sampled"), ``other_layers`` ("error", "identity", "frozen"), ``weight_sharing`` ("expand"
-    or "reduce": K-FAC-reduce, far cheaper on convolutions) and ``cache_dir`` (see
+    or "reduce": K-FAC-reduce, far cheaper on convolutions), ``basis_size`` (EK-FAC: its
+    eigenbasis from that many points of the pool drawn uniformly, or "pool", its eigenvalues
+    from the subset) and ``cache_dir`` (see
     :mod:`repif.curvature.kinds`). ``pool_statistics`` (from another estimator's
     :meth:`pool_statistics`, same model and data, or a :class:`~repif.recording.PoolStatistics`
     recorded during training) spares the logit/feature samplers their pass; statistics that

@@ -77,6 +77,8 @@ class FitOptions:
 CANDIDATE_STREAM = 0x5EED
 #: Seed stream of the uniform draw a Kronecker prior is fitted on (``prior_size``).
 PRIOR_STREAM = 0x9A10
+#: Seed stream of the uniform draw an EK-FAC eigenbasis is fitted on (``basis_size``).
+BASIS_STREAM = 0xBA515
 
 
 def candidate_pool(pool: Tensor, m: int, factor: float, seed: int) -> Tensor:
@@ -124,6 +126,10 @@ class CurvatureFitter:
         #: 'eigen'), a refit with the same subset or a new damping reuses it (Kronecker factors
         #: and their eigendecomposition do not depend on λ).
         self.kept: tuple[Subset, str, Any] | None = None
+        #: The pool (training indices) of the last :meth:`draw`; None: all points. Later
+        #: preparations on its subset (a new damping, a removal's further steps) fit a prior or
+        #: an eigenbasis on the same pool, not on every training point.
+        self.drawn_pool: Tensor | None = None
 
     def use_statistics(self, statistics: PoolStatistics | tuple[Tensor, Tensor, Tensor]) -> None:
         """Serve later pool statistics from ``statistics`` (logits, features, targets of all
@@ -228,6 +234,7 @@ class CurvatureFitter:
         """Draw a subset of ``pool`` (training indices; default all) and prepare the solver."""
         t0 = time.perf_counter()
         subset = self.select(pool)
+        self.drawn_pool = None if pool is None else pool.clone()
         if distributed.is_distributed():  # every rank drew the same; make it so by construction
             subset = Subset(distributed.broadcast(subset.indices),
                             distributed.broadcast(subset.weights))
@@ -253,15 +260,30 @@ class CurvatureFitter:
             p = self.pool(candidate_pool(p.indices, o.sample_size, o.candidates, seed))
         return o.sampler.select(p, o.sample_size, seed)
 
-    def prior_subset(self, pool: Tensor | None, size: int | None) -> Subset:
-        """The points a Kronecker prior is fitted on, with equal weights: all of ``pool``
-        (default every training point), or ``size`` of them drawn uniformly without
-        replacement (in training order) with the fit's seed on a stream of its own."""
-        p = self.pool(pool).indices
+    def prior_subset(self, pool: Tensor | None, size: int | None,
+                     stream: int = PRIOR_STREAM) -> Subset:
+        """The points a Kronecker prior (or, ``stream`` = :data:`BASIS_STREAM`, an EK-FAC
+        eigenbasis) is fitted on, with equal weights: all of ``pool`` (default: the last
+        draw's pool, else every training point), or ``size`` of them drawn uniformly without
+        replacement (in training order) with the fit's seed on ``stream``."""
+        p = self.pool(self.drawn_pool if pool is None else pool).indices
         if size is not None and size < p.numel():
-            rng = np.random.default_rng((PRIOR_STREAM, int(self.options.seed)))
+            rng = np.random.default_rng((stream, int(self.options.seed)))
             p = p[torch.from_numpy(np.sort(rng.choice(p.numel(), size=size, replace=False)))]
         return Subset(p.clone(), torch.full((p.numel(),), 1.0 / p.numel(), dtype=torch.float64))
+
+    def with_basis(self, kind: curvature_kinds.CurvatureKind,
+                   request: curvature_kinds.CurvatureRequest, pool: Tensor | None = None
+                   ) -> curvature_kinds.CurvatureRequest:
+        """``request`` with the points of ``kind``'s EK-FAC eigenbasis (its ``basis_size``:
+        that many of ``pool`` drawn uniformly, or "pool": all of it) gathered on the request's
+        device; unchanged for a kind without one."""
+        size = getattr(kind, "basis_size", None)
+        if size is None:
+            return request
+        points = self.prior_subset(pool, None if size == "pool" else int(size), BASIS_STREAM)
+        x, y = self.subset_batch(points, request.fm)
+        return dataclasses.replace(request, basis=curvature_kinds.BasisPoints(points, x, y))
 
     def subset_batch(self, subset: Subset, fm: FunctionalModel | None = None) -> tuple[Any, Any]:
         """The subset's model inputs and targets, gathered whole (m points) on ``fm``'s
@@ -293,10 +315,12 @@ class CurvatureFitter:
         return curvature_kinds.build(kind).build(self.request(subset, fm))
 
     def curvature(self, subset: Subset, fm: FunctionalModel | None = None,
-                  request: curvature_kinds.CurvatureRequest | None = None) -> Any:
+                  request: curvature_kinds.CurvatureRequest | None = None,
+                  pool: Tensor | None = None) -> Any:
         """The curvature of the fit's kind on ``subset`` at ``fm``'s parameters: an exact
         :class:`CurvatureOperator` ("ggn", "hessian") or a fitted
-        :class:`~repif.curvature.kfac.KroneckerCurvature` ("kfac", "ekfac")."""
+        :class:`~repif.curvature.kfac.KroneckerCurvature` ("kfac", "ekfac"; an eigenbasis of
+        its own drawn from ``pool``, see :meth:`with_basis`)."""
         o = self.options
         own = fm is None or fm is self.fm
         if own and self.kept is not None:
@@ -304,10 +328,9 @@ class CurvatureFitter:
             if name == o.curvature and torch.equal(kept.indices, subset.indices) and \
                     torch.equal(kept.weights, subset.weights):
                 return curvature
-        kind = curvature_kinds.get(o.curvature)
-        options = o.kronecker_options if kind.kronecker else {}
-        curvature = curvature_kinds.build(o.curvature, options).build(
-            request or self.request(subset, fm))
+        options = o.kronecker_options if curvature_kinds.get(o.curvature).kronecker else {}
+        kind = curvature_kinds.build(o.curvature, options)
+        curvature = kind.build(self.with_basis(kind, request or self.request(subset, fm), pool))
         if own:
             self.kept = (subset, o.curvature, curvature)
         return curvature
@@ -317,8 +340,9 @@ class CurvatureFitter:
         """A solver fitted on ``subset`` at ``fm``'s parameters (default: the trained ones).
         A preconditioner named by the solver's options ("kfac"/"ekfac") is fitted on the same
         subset, with the same weights; a Kronecker prior (woodbury's ``prior``) on ``pool``
-        (training indices; default all), or on ``prior_size`` of its points drawn uniformly
-        (:meth:`prior_subset`)."""
+        (training indices; default: the last draw's pool, else all), or on ``prior_size`` of
+        its points drawn uniformly (:meth:`prior_subset`); an EK-FAC eigenbasis
+        (``basis_size``) on points of the same pool (:meth:`with_basis`)."""
         t0 = time.perf_counter()
         o = self.options
         options = dict(o.solver_options)
@@ -329,7 +353,7 @@ class CurvatureFitter:
         if isinstance(options.get("preconditioner"), str):
             request = self.request(subset, fm)
             kind = curvature_kinds.build(options["preconditioner"], o.kronecker_options)
-            options["preconditioner"] = kind.build(request)
+            options["preconditioner"] = kind.build(self.with_basis(kind, request, pool))
             timings["preconditioner_fit_s"] = time.perf_counter() - t0
         if isinstance(options.get("prior"), str):
             t1 = time.perf_counter()
@@ -338,9 +362,9 @@ class CurvatureFitter:
             prior_request = dataclasses.replace(
                 self.request(prior_points, fm), shrinkage=0.0, sampler=None, sampler_options={},
                 prior=True)
-            options["prior"] = kind.build(prior_request)
+            options["prior"] = kind.build(self.with_basis(kind, prior_request, pool))
             timings["prior_fit_s"] = time.perf_counter() - t1
-        curvature = self.curvature(subset, fm, request)
+        curvature = self.curvature(subset, fm, request, pool)
         solver = _solvers.build(o.solver, options).fit(curvature, o.damping)
         return FittedCurvature(subset, solver,
                                {"solver_fit_s": time.perf_counter() - t0, **timings})

@@ -103,7 +103,10 @@ def check_kronecker(curvature: str, kind: type[curvature_kinds.CurvatureKind], s
                 "curvature='kfac'/'ekfac', with a solver preconditioner ('ekfac') or with "
                 "woodbury's prior ('ekfac')"
             )
-        curvature_kinds.build("kfac", options)  # unknown options or values fail here
+        fitted = [name for name in (curvature if kind.kronecker else None, pre,
+                                    solver_options.get("prior")) if isinstance(name, str)]
+        for name in fitted:  # unknown options or values fail here, for the kinds that fit
+            curvature_kinds.build(name, options)
     return options
 
 

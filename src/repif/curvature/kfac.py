@@ -31,6 +31,15 @@ eigenbasis: Λ_kl = Σ_i w_i Σ_c (Q_Gᵀ R_ic Q_A)²_kl with R_ic = Σ_t g_ict 
 block's own diagonal in the Kronecker eigenbasis. Weight decay adds wd to every eigenvalue; a
 solve with damping λ divides by Λ + wd + λ, one small matrix product per side and layer.
 
+Basis from another sample (``basis`` of :func:`fit_kronecker`, the ``basis_size`` option of
+the ``"ekfac"`` kind): EK-FAC's two halves need not see the same points. The eigenbasis only
+has to span the directions the curvature lives in, and a small subset's factors are rank
+deficient (A has rank ≤ m·T), so their eigenvectors beyond that rank are arbitrary. Fitting A
+and G on a larger uniform sample fixes the basis; Λ, the part that carries the scale and where
+most of K-FAC's error sits (docs/design.md, "Kronecker factors"), is then the exact GGN
+diagonal in that basis estimated from the sampler's weighted subset — unbiased for the pool's
+under Horvitz–Thompson weights, as before.
+
 Trainable parameters outside such layers raise a ValueError naming them, unless
 ``other_layers="identity"`` (their block is wd·I: only damping and weight decay act there) or
 ``"frozen"`` (left out: their entries of every product and solve are 0).
@@ -121,7 +130,7 @@ def fit_kronecker(
     fm: FunctionalModel, x: Any, y: Any, weights: Tensor, *, kind: str = "ekfac",
     fisher: str = "exact", other_layers: str = "error", budget: MemoryBudget | None = None,
     seed: int = 0, progress: bool | None = False, weight_sharing: str = "expand",
-    eigh_dtype: str = "float64",
+    eigh_dtype: str = "float64", basis: tuple[Any, Any, Tensor] | None = None,
 ) -> KroneckerCurvature:
     """K-FAC (``kind="kfac"``) or EK-FAC (``"ekfac"``) of ``fm`` on the points ``(x, y)`` (the
     gathered subset's model inputs and targets) with the sampler's ``weights``: one pass for A
@@ -129,13 +138,25 @@ def fit_kronecker(
     corrections. ``seed`` drives the sampled Fisher's draws; ``progress`` shows a bar per pass
     (:func:`repif.progress.bar`); ``weight_sharing`` is "expand" or "reduce" (module doc; it
     changes the basis, not EK-FAC's exact per-point Λ); ``eigh_dtype`` is the precision of
-    the factors' eigendecompositions (:data:`EIGH_DTYPES`)."""
+    the factors' eigendecompositions (:data:`EIGH_DTYPES`).
+
+    ``basis`` = (x_B, y_B, w_B), EK-FAC only: the factors A and G — hence the eigenbasis
+    Q_G ⊗ Q_A and s_A, s_G — come from those points with those weights, and only the
+    eigenvalues Λ from ``(x, y, weights)`` (module doc, "basis from another sample"): a basis
+    from a large cheap sample, eigenvalues from a small, well-chosen one."""
     check_choice(kind, KINDS, "kind")
     check_choice(eigh_dtype, tuple(EIGH_DTYPES), "eigh_dtype")
+    if basis is not None and kind != "ekfac":
+        raise ValueError("a basis from other points re-fits only EK-FAC's eigenvalues on the "
+                         "subset; K-FAC's come with its factors: use kind='ekfac'")
     layers, others = kronecker_layers(fm, other_layers)
     setup = _setup(fm, x, y, weights, layers, fisher, budget, seed, corrections=kind == "ekfac",
                    progress=progress, weight_sharing=weight_sharing)
-    a_mats, g_mats = _factor_sums(fm, layers, setup)
+    factor_setup = setup if basis is None else _setup(
+        fm, *basis, layers, fisher, budget, seed, corrections=False, progress=progress,
+        weight_sharing=weight_sharing)
+    a_mats, g_mats = _factor_sums(fm, layers, factor_setup)
+    del factor_setup
     factors: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     for i in range(len(layers)):
         s_a, q_a = _eigh(a_mats[i], eigh_dtype)

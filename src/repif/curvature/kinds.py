@@ -8,7 +8,8 @@
   fit is the preconditioner of ``cg`` and ``lissa`` (``preconditioner="ekfac"``). Options:
   ``fisher`` ("exact": the GGN's output Hessian through C backward passes per point; "sampled":
   one backward at a label drawn from the model's predictive), ``other_layers`` ("error",
-  "identity", "frozen"), ``weight_sharing`` ("expand", or "reduce": K-FAC-reduce, outer products
+  "identity", "frozen"), ``basis_size`` (EK-FAC: its eigenbasis from that many uniform
+  points of the pool, or "pool", and its eigenvalues from the subset), ``weight_sharing`` ("expand", or "reduce": K-FAC-reduce, outer products
   after summing a layer's positions) and ``cache_dir`` (factors stored as safetensors, reused
   when their metadata match; None, the default: fits that took longer than
   :data:`~repif.curvature.kronecker_cache.LONG_FIT_S` are kept in the default cache,
@@ -61,6 +62,28 @@ class CurvatureRequest:
     sampler_options: dict[str, Any] = field(default_factory=dict)
     #: A Woodbury prior's fit on points of the pool with equal weights (not the subset).
     prior: bool = False
+    #: The points EK-FAC's eigenbasis is fitted on (``basis_size``), or None: the subset.
+    basis: BasisPoints | None = None
+
+
+@dataclass(frozen=True)
+class BasisPoints:
+    """Points of the pool drawn for an EK-FAC eigenbasis (their indices and equal weights as a
+    subset) and their model inputs ``x`` and targets ``y`` on the model's device."""
+
+    subset: Subset
+    x: Any
+    y: Any
+
+
+def check_basis_size(value: Any) -> int | str | None:
+    """``basis_size``: None (the basis from the subset), a positive int or "pool"."""
+    if value is None or value == "pool":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"basis_size must be a positive number of pool points, 'pool' (all "
+                         f"of it) or None (the subset's own basis), got {value!r}")
+    return int(value)
 
 REGISTRY: Registry[type[CurvatureKind]] = Registry("curvature")
 
@@ -103,7 +126,7 @@ class KFAC(CurvatureKind):
 
     def __init__(self, fisher: str = "exact", other_layers: str = "error",
                  cache_dir: str | bool | None = None, weight_sharing: str = "expand",
-                 eigh_dtype: str = "float64") -> None:
+                 eigh_dtype: str = "float64", basis_size: int | str | None = None) -> None:
         if not (cache_dir is None or cache_dir is False
                 or isinstance(cache_dir, (str, os.PathLike))):
             raise ValueError(f"cache_dir must be a directory, None (keep long fits in the "
@@ -114,19 +137,30 @@ class KFAC(CurvatureKind):
         check_choice(eigh_dtype, tuple(kfac.EIGH_DTYPES), "eigh_dtype")
         self.fisher, self.other_layers, self.cache_dir = fisher, other_layers, cache_dir
         self.weight_sharing, self.eigh_dtype = weight_sharing, eigh_dtype
+        self.basis_size = check_basis_size(basis_size)
+        if self.basis_size is not None and self.name != "ekfac":
+            raise ValueError(f"basis_size={basis_size!r} fits EK-FAC's eigenbasis on more "
+                             f"points and its eigenvalues on the subset; {self.name!r} takes "
+                             "its eigenvalues from the factors: use curvature='ekfac'")
 
     def build(self, request: CurvatureRequest) -> kfac.KroneckerCurvature:
         """The factors on the request's subset; a Woodbury prior's fit (``request.prior``) is
         cached by its points alone, whatever the subset's sampler."""
         r = request
         fm, x, y, subset, seed = r.fm, r.x, r.y, r.subset, r.seed
+        if (self.basis_size is None) != (r.basis is None):
+            raise ValueError(
+                "basis_size needs the basis points drawn from the pool (the estimator draws "
+                "them)" if r.basis is None else
+                "basis points were given but basis_size is not set")
+        basis = None if r.basis is None else (r.basis.x, r.basis.y, r.basis.subset.weights)
 
         def fit() -> kfac.KroneckerCurvature:
             return kfac.fit_kronecker(fm, x, y, subset.weights, kind=str(self.name),
                                       fisher=self.fisher, other_layers=self.other_layers,
                                       budget=r.budget, seed=seed, progress=r.progress,
                                       weight_sharing=self.weight_sharing,
-                                      eigh_dtype=self.eigh_dtype)
+                                      eigh_dtype=self.eigh_dtype, basis=basis)
 
         if self.cache_dir is False:
             return fit()
@@ -135,6 +169,9 @@ class KFAC(CurvatureKind):
             # recorded only when not the default, so factors cached before the option stay valid
             **({"weight_sharing": self.weight_sharing} if self.weight_sharing != "expand" else {}),
             **({"eigh_dtype": self.eigh_dtype} if self.eigh_dtype != "float64" else {}),
+            **({"basis": cache._digest([r.basis.subset.indices, r.basis.subset.weights]),
+                "basis_data": cache.data_fingerprint(r.basis.x, r.basis.y)}
+               if r.basis is not None else {}),
             "model": cache.model_digest(fm), "data": cache.data_fingerprint(x, y),
             "subset": cache._digest([subset.indices, subset.weights]),
             "sampler": "prior" if r.prior else (

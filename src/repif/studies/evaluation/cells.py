@@ -51,8 +51,9 @@ class Cells:
                 task=self._task(), device=self.device, max_memory=self.max_memory,
                 solver_options=dict(method.solver_options),
                 # a Woodbury prior is the same fit for every cell: cached beside the run
-                kronecker_options=({"cache_dir": str(self.out / "factors")}
-                                   if dict(method.solver_options).get("prior") else None),
+                kronecker_options={**dict(method.curvature_options), **(
+                    {"cache_dir": str(self.out / "factors")}
+                    if dict(method.solver_options).get("prior") else {})} or None,
                 sampler_options=dict(method.sampler_options)).fit()
             fit_s = sum(est.timings.values())
             influence = est.influence(test)

@@ -1,4 +1,5 @@
-"""Attribution methods by name: ``[curvature:]solver[+key=value…][@sampler[+shrink]]``, or a
+"""Attribution methods by name:
+``[curvature[+key=value…]:]solver[+key=value…][@sampler[+shrink][+key=value…]]``, or a
 baseline (``grad-dot``), parsed into a :class:`Method` and checked against the registries."""
 
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from repif import options as _options
 from repif import samplers as _samplers
 from repif import solvers as _solvers
 from repif.curvature import kinds as curvature_kinds
@@ -25,7 +27,9 @@ class Method:
     of the run's sample sizes drawn by that sampler (one cell per seed). ``+key=value`` after
     the solver passes a solver option (numbers read as numbers), e.g.
     ``ggn:woodbury+prior=ekfac@logit-importance``; after the sampler it passes a sampler
-    option, e.g. ``@logit-importance+proxy=gini-feature``.
+    option, e.g. ``@logit-importance+proxy=gini-feature``; after the curvature, an option of
+    the Kronecker fit (the estimator's ``kronecker_options``), e.g.
+    ``ekfac+basis_size=pool:eigen@logit-importance``.
     """
 
     spec: str
@@ -35,6 +39,8 @@ class Method:
     shrinkage: float | str = 0.0
     solver_options: tuple[tuple[str, Any], ...] = ()
     sampler_options: tuple[tuple[str, Any], ...] = ()
+    #: Options of the Kronecker fit (the curvature's, a prior's or a preconditioner's).
+    curvature_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def sampled(self) -> bool:
@@ -52,9 +58,10 @@ def parse_method(spec: str) -> Method:
         return Method(s, *BASELINES[s])
     body, at, sampler = s.partition("@")
     curvature, colon, solver = body.rpartition(":")
-    curvature = curvature if colon else "ggn"
+    curvature, *curvature_parts = (curvature if colon else "ggn").split("+")
     solver, *option_parts = solver.split("+")
     options = _key_values(spec, option_parts, "solver")
+    kron = tuple(_key_values(spec, curvature_parts, "curvature"))
     if curvature not in curvature_kinds.names():
         raise ValueError(f"method {spec!r}: unknown curvature {curvature!r}; known: "
                          f"{', '.join(curvature_kinds.names())} (write e.g. ggn:direct or "
@@ -72,9 +79,15 @@ def parse_method(spec: str) -> Method:
             _solvers.build(solver, dict(options))
         except (TypeError, ValueError) as err:
             raise ValueError(f"method {spec!r}: {err}") from None
+    if kron:
+        try:
+            _options.check_kronecker(curvature, curvature_kinds.get(curvature), solver,
+                                     dict(options), dict(kron))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"method {spec!r}: {err}") from None
     opts = tuple(options)
     if not at:
-        return Method(s, curvature, solver, solver_options=opts)
+        return Method(s, curvature, solver, solver_options=opts, curvature_options=kron)
     sampler_parts = sampler.split("+")
     keyed = [p for p in sampler_parts[1:] if "=" in p]
     sampler = "+".join(p for p in sampler_parts if "=" not in p)
@@ -89,7 +102,7 @@ def parse_method(spec: str) -> Method:
             _samplers.build(name, dict(sampler_options))
         except (TypeError, ValueError) as err:
             raise ValueError(f"method {spec!r}: {err}") from None
-    return Method(s, curvature, solver, name, shrinkage, opts, tuple(sampler_options))
+    return Method(s, curvature, solver, name, shrinkage, opts, tuple(sampler_options), kron)
 
 
 def _key_values(spec: str, parts: list[str], what: str) -> list[tuple[str, Any]]:

@@ -9,9 +9,10 @@
   ``fisher`` ("exact": the GGN's output Hessian through C backward passes per point; "sampled":
   one backward at a label drawn from the model's predictive), ``other_layers`` ("error",
   "identity", "frozen"), ``basis_size`` (EK-FAC: its eigenbasis from that many uniform
-  points of the pool, or "pool", and its eigenvalues from the subset), ``weight_sharing`` ("expand", or "reduce": K-FAC-reduce, outer products
-  after summing a layer's positions) and ``cache_dir`` (factors stored as safetensors, reused
-  when their metadata match; None, the default: fits that took longer than
+  points of the pool, or "pool", and its eigenvalues from the subset), ``weight_sharing``
+  ("expand", or "reduce": K-FAC-reduce, outer products after summing a layer's positions) and
+  ``cache_dir`` (factors stored as safetensors, reused when their metadata match; None, the
+  default: fits that took longer than
   :data:`~repif.curvature.kronecker_cache.LONG_FIT_S` are kept in the default cache,
   :func:`~repif.curvature.kronecker_cache.default_cache_dir`, so an error after them loses nothing;
   False: never cached). See docs/design.md, "Kronecker factors".

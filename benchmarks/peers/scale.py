@@ -1,18 +1,18 @@
 """repif against kronfluence at ResNet size: a ResNet-9 on MNIST made 3×32×32, 10,000 pool points.
 
-    python -m venv /work/venv-peers
-    /work/venv-peers/bin/pip install torch==2.13.0
-    /work/venv-peers/bin/pip install --no-deps kronfluence
-    /work/venv-peers/bin/pip install accelerate einops einconv opt_einsum safetensors \\
+    python -m venv venv-peers
+    venv-peers/bin/pip install torch==2.13.0
+    venv-peers/bin/pip install --no-deps kronfluence
+    venv-peers/bin/pip install accelerate einops einconv opt_einsum safetensors \\
         scikit-learn scipy tqdm numpy matplotlib           # (torch stays 2.13.0+cpu)
-    PYTHONPATH=src /work/venv-peers/bin/python benchmarks/peers/scale.py \\
-        --data-dir /work/data/mnist [--resume]             # ≈ 45 min on 2 busy cores
-    PYTHONPATH=src /work/venv-peers/bin/python benchmarks/peers/scale.py \
-        --data-dir /work/data/mnist --resume --repeat 2    # the main rows twice more (≈ 25 min)
+    PYTHONPATH=src venv-peers/bin/python benchmarks/peers/scale.py \\
+        --data-dir data/mnist [--resume]             # ≈ 45 min on 2 busy cores
+    PYTHONPATH=src venv-peers/bin/python benchmarks/peers/scale.py \
+        --data-dir data/mnist --resume --repeat 2    # the main rows twice more (≈ 25 min)
     # the committed results: the first command, then --resume --repeat 2 (main rows), then
     # --resume --repeat 2 --repeat-rows repif-identity,kronfluence-identity,kronfluence-kfac
-    PYTHONPATH=src /work/venv-peers/bin/python benchmarks/peers/scale.py \\
-        --data-dir /work/data/mnist --quick                # smoke run (tiny pool), temp dir
+    PYTHONPATH=src venv-peers/bin/python benchmarks/peers/scale.py \\
+        --data-dir data/mnist --quick                # smoke run (tiny pool), temp dir
 
 Both libraries run under the same interpreter and torch (the venv above: torch 2.13.0+cpu,
 kronfluence 1.0.1; repif from this checkout through ``PYTHONPATH=src``), each row in its own
@@ -428,8 +428,8 @@ def markdown(res: dict) -> str:
     cfg, mb = res["config"], 2**20
     lines = [
         "# repif against kronfluence at ResNet size", "",
-        f"`PYTHONPATH=src /work/venv-peers/bin/python benchmarks/peers/scale.py --data-dir "
-        f"/work/data/mnist` — {res['wall_s'] / 60:.1f} min in all (rows in their own processes, "
+        f"`PYTHONPATH=src venv-peers/bin/python benchmarks/peers/scale.py --data-dir "
+        f"data/mnist` — {res['wall_s'] / 60:.1f} min in all (rows in their own processes, "
         "one torch thread each, on a 2-core machine shared with other jobs: see the load "
         "column). The script's docstring has the setup.", "",
         f"ResNet-9 (kronfluence's CIFAR-10 example layout at width {cfg['width']}: "
@@ -589,7 +589,8 @@ def write(out: Path, res: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", default="/work/data/mnist")
+    ap.add_argument("--data-dir", default="data/mnist",
+                    help="the four MNIST IDX files (default: data/mnist in the checkout)")
     ap.add_argument("--out", default=str(BENCH / "results"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already measured")
     ap.add_argument("--quick", action="store_true", help="tiny pool, 5 queries, temp dir")

@@ -16,6 +16,8 @@ TARGETS = ("loss", "margin")
 
 #: Fields that only say which cells exist (or what else is reported), not what a cell holds.
 _GRID_FIELDS = ("methods", "sizes", "seeds", "dampings", "noise")
+#: Fields that say where the inputs lie, not what they are (the data count by their digests).
+_LOCATION_FIELDS = ("data_dir",)
 
 
 class EvaluationError(StudyError, ValueError):

@@ -33,6 +33,7 @@ from repif.studies import runs
 from repif.studies.evaluation.cells import Cells, MarginTask
 from repif.studies.evaluation.config import (
     _GRID_FIELDS,
+    _LOCATION_FIELDS,
     METRICS,
     TARGETS,
     EvaluationConfig,
@@ -162,10 +163,16 @@ class Evaluation(GroundTruth, Cells):
             raise EvaluationError("--loo-indices needs at least 2 distinct training indices")
         return np.sort(idx)
 
-    def cell_hash(self) -> str:
-        """Hash of what changes a cell's numbers: the config less its grid, and the recipe
-        and data (through the model store's key)."""
-        d = {k: v for k, v in self.config.to_dict().items() if k not in _GRID_FIELDS}
+    def cell_hash(self, stored: dict[str, Any] | None = None) -> str:
+        """Hash of what changes a cell's numbers: the config less its grid and less where the
+        data lie (``data_dir``: the data themselves count through the model store's key, with
+        the recipe). With a ``stored`` config: the hash as results written before counted it,
+        with the stored file's ``data_dir`` in place of this run's (:meth:`_previous` accepts
+        both)."""
+        d = {k: v for k, v in self.config.to_dict().items()
+             if k not in _GRID_FIELDS and k not in _LOCATION_FIELDS}
+        if stored is not None:
+            d.update({k: stored.get(k) for k in _LOCATION_FIELDS})
         d["ground_truth_key"] = self.store.key_hash
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -181,12 +188,16 @@ class Evaluation(GroundTruth, Cells):
         stored: dict[str, Any] = {"config": self.config.to_dict(), "config_hash": h, "cells": []}
         current = read_results(path) if path.exists() else None
         stale = None
-        if current is not None and current["config_hash"] == h:
+        same = {h}  # the same cells, hashed now or as before (with where the data lay)
+        if current is not None and isinstance(current.get("config"), dict):
+            same.add(self.cell_hash(current["config"]))
+        if current is not None and current["config_hash"] in same:
             stored = current
         else:
             stale = current
-        backup = self.out / f"results.{h}.json"
-        if backup.exists():
+        for backup in sorted(self.out / f"results.{k}.json" for k in same):
+            if not backup.exists():
+                continue
             try:
                 stored = merge_results(read_results(backup), stored)
             except EvaluationError as err:

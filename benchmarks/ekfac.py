@@ -771,7 +771,7 @@ def per_seed_against_kronfluence(res: dict, m: int = GOAL_M) -> list[str]:
         vals = [r["vs_full"]["pearson"] for r in sorted(rs, key=lambda r: r["seed"])]
         lines.append(f"| {method} | {sampler} | {', '.join(f'{v:.3f}' for v in vals)} | "
                      f"{'yes' if min(vals) >= bar else 'no'} |")
-    return lines
+    return [*lines, ""]
 
 
 def markdown_reference(name: str, res: dict) -> list[str]:

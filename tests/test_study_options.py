@@ -63,6 +63,9 @@ def test_memory_budget_does_not_change_the_cell_hash():
     ({"curvature": "kfac", "solver": "eigen", "fisher": "guess"}, "--fisher must be"),
     ({"curvature": "ekfac", "solver": "eigen", "other_layers": "skip"}, "--other-layers must"),
     ({"curvature": "fisher"}, "unknown curvature 'fisher'"),
+    ({"curvature": "kfac", "solver": "eigen", "basis_size": "pool"}, "use --curvature ekfac"),
+    ({"curvature": "ekfac", "solver": "eigen", "basis_size": 0}, "--basis-size must be"),
+    ({"curvature": "ggn", "basis_size": "pool"}, "--basis-size configure"),
     ({"max_memory": 100}, "too small"),
 ])
 def test_bad_study_options_name_the_fix(kwargs, match):
@@ -208,3 +211,48 @@ def test_a_study_without_references_gives_the_cells_of_one_with_them(tmp_path):
     for va, vb in zip(with_refs.vectors(0, "random", 16), study.vectors(0, "random", 16),
                       strict=True):
         torch.testing.assert_close(va, vb, rtol=1e-10, atol=1e-12)
+
+
+def test_cli_passes_basis_size_and_the_study_fits_the_basis_on_the_retained_points(tmp_path):
+    """--basis-size reaches the estimator's kronecker_options and changes the cells' hash (the
+    default leaves it alone); a study cell then draws the basis from the retained classes: the
+    removed class's points are never among them."""
+    from repif.studies.class_removal.study import Study
+
+    for text, value in (("pool", "pool"), ("300", 300)):
+        cfg = _config(_parser().parse_args([
+            "class-removal", "--curvature", "ekfac", "--solver", "eigen",
+            "--basis-size", text]))
+        cfg.validate()
+        assert cfg.kronecker_options() == {"basis_size": value}
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["class-removal", "--basis-size", "all"])
+    base = StudyConfig(curvature="ekfac", solver="eigen")
+    assert StudyConfig(curvature="ekfac", solver="eigen", basis_size=None).cell_hash() \
+        == base.cell_hash()
+    assert StudyConfig(curvature="ekfac", solver="eigen", basis_size="pool").cell_hash() \
+        != base.cell_hash()
+
+    from repif import fitting
+
+    drawn = []
+    real = fitting.CurvatureFitter.with_basis
+
+    def spy(self, kind, request, pool=None):
+        out = real(self, kind, request, pool)
+        if out.basis is not None:
+            drawn.append(out.basis.subset.indices.clone())
+        return out
+
+    cfg = StudyConfig(dataset="digits", model="mlp", remove=[0], samplers=["random"],
+                      sizes=[16], seeds=1, epochs=3, limit_train=300, limit_test=60,
+                      curvature="ekfac", solver="eigen", basis_size=100)
+    study = Study(cfg, tmp_path, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fitting.CurvatureFitter, "with_basis", spy)
+        results = study.run()
+    assert drawn and all(idx.numel() == 100 for idx in drawn)
+    labels = study.train_y
+    for idx in drawn:
+        assert not bool((labels[idx] == 0).any())  # the removed class is never in the basis
+    assert all(0.0 <= c["f1"] <= 1.0 for c in results["cells"])

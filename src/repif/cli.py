@@ -112,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     cr.add_argument("--eigh-dtype", default=d.eigh_dtype, choices=("float64", "float32"),
                     help="kfac/ekfac: precision of the factors' eigendecompositions (float32: "
                          "1.6–2.3× faster on large factors, solve error ~2e-4; default float64)")
+    cr.add_argument("--basis-size", default=d.basis_size, type=_basis_size, metavar="N|pool",
+                    help="ekfac: the eigenbasis from N uniform points of the retained pool (or "
+                         "all of it: pool), the eigenvalues from the subset (default: both from "
+                         "the subset)")
     cr.add_argument("--references", default=d.references, choices=("all", "none"),
                     help="all (default): the full-pool update (η, inverse-HVP error) and the "
                          "retrained model; none: cells only, with --scale η given (e.g. an "
@@ -120,6 +124,20 @@ def _parser() -> argparse.ArgumentParser:
 
     add_evaluate(sub, common)
     return p
+
+
+def _basis_size(text: str) -> int | str:
+    """``--basis-size``: a positive number of points, or "pool"."""
+    if text == "pool":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of points or 'pool', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of points, got {n}")
+    return n
 
 
 def _config(args: argparse.Namespace) -> StudyConfig:
@@ -134,7 +152,8 @@ def _config(args: argparse.Namespace) -> StudyConfig:
         limit_train=args.limit_train, limit_test=args.limit_test, dtype=args.dtype,
         device=args.device, batch_size=args.batch_size, fisher=args.fisher,
         other_layers=args.other_layers, weight_sharing=args.weight_sharing,
-        eigh_dtype=args.eigh_dtype, references=args.references, max_memory=args.max_memory,
+        eigh_dtype=args.eigh_dtype, basis_size=args.basis_size, references=args.references,
+        max_memory=args.max_memory,
     )
 
 

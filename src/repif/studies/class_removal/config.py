@@ -71,17 +71,21 @@ class StudyConfig:
     #: Precision of the Kronecker factors' eigendecompositions (repif.curvature.kfac), None: the
     #: library's default (float64).
     eigh_dtype: str | None = None
+    #: EK-FAC's eigenbasis from this many uniform points of the retained pool, or "pool" (its
+    #: eigenvalues from the subset; repif.curvature.kinds); None: from the subset.
+    basis_size: int | str | None = None
     #: REFERENCES: "all" (default) or "none".
     references: str = "all"
     #: Bytes each estimator may use per streamed chunk (repif.memory.MemoryBudget); None: a
     #: quarter of the free RAM (at most 1 GiB) or GPU memory.
     max_memory: int | None = None
 
-    def kronecker_options(self) -> dict[str, str]:
+    def kronecker_options(self) -> dict[str, Any]:
         """The estimator's ``kronecker_options`` for this configuration (empty: defaults)."""
         return {k: v for k, v in (("fisher", self.fisher), ("other_layers", self.other_layers),
                                   ("weight_sharing", self.weight_sharing),
-                                  ("eigh_dtype", self.eigh_dtype)) if v is not None}
+                                  ("eigh_dtype", self.eigh_dtype),
+                                  ("basis_size", self.basis_size)) if v is not None}
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and the fix."""
@@ -106,9 +110,18 @@ class StudyConfig:
         kronecker = curvature_kinds.get(self.curvature).kronecker
         solvers.check_curvature(self.curvature, self.solver, _flag)
         if self.kronecker_options() and not kronecker:
-            raise ValueError("--fisher, --other-layers, --weight-sharing and --eigh-dtype "
-                             "configure --curvature kfac/ekfac; leave them out with --curvature "
-                             f"{self.curvature}")
+            raise ValueError("--fisher, --other-layers, --weight-sharing, --eigh-dtype and "
+                             "--basis-size configure --curvature kfac/ekfac; leave them out with "
+                             f"--curvature {self.curvature}")
+        if self.basis_size is not None:
+            try:
+                curvature_kinds.check_basis_size(self.basis_size)
+            except ValueError:
+                raise ValueError(f"--basis-size must be a positive number of points or 'pool', "
+                                 f"got {self.basis_size!r}") from None
+            if self.curvature != "ekfac":
+                raise ValueError(f"--basis-size re-fits EK-FAC's eigenvalues on the subset; "
+                                 f"use --curvature ekfac (got --curvature {self.curvature})")
         if self.max_memory is not None:
             MemoryBudget(self.max_memory)  # a bad figure fails here, naming the fix
         for value, choices, flag in ((self.fisher, kfac.FISHER_MODES, "--fisher"),
@@ -169,7 +182,8 @@ class StudyConfig:
     def cell_hash(self) -> str:
         """Hash of the fields that change a cell's numbers; cells are reused only if it matches."""
         d = {k: v for k, v in self.to_dict().items() if k not in _GRID_FIELDS}
-        for key in ("width", "fisher", "other_layers", "weight_sharing", "eigh_dtype"):
+        for key in ("width", "fisher", "other_layers", "weight_sharing", "eigh_dtype",
+                    "basis_size"):
             if d[key] is None:  # left out when unset, so results written before they existed
                 del d[key]  # resume
         if d["references"] == "all":  # likewise

@@ -151,7 +151,8 @@ def test_cli_and_study_config_carry_width():
         StudyConfig(width=0).validate()
     # an unset width leaves the cell hash as it was before the field existed (results resume)
     # added since, None (or "all") by default
-    later = ("width", "fisher", "other_layers", "weight_sharing", "eigh_dtype", "references")
+    later = ("width", "fisher", "other_layers", "weight_sharing", "eigh_dtype", "basis_size",
+             "references")
     old = {k: v for k, v in StudyConfig().to_dict().items() if k not in (*_GRID_FIELDS, *later)}
     digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert StudyConfig().cell_hash() == digest != StudyConfig(width=8).cell_hash()

@@ -54,7 +54,7 @@ def test_memory_budget_does_not_change_the_cell_hash():
     ({"curvature": "kfac", "solver": "cg"}, "--solver eigen"),
     ({"curvature": "ggn", "solver": "eigen"}, "--solver eigen"),
     ({"curvature": "ggn", "fisher": "sampled"}, "--fisher, --other-layers, --weight-sharing"),
-    ({"curvature": "ggn", "eigh_dtype": "float32"}, "--eigh-dtype configure"),
+    ({"curvature": "ggn", "eigh_dtype": "float32"}, "--eigh-dtype and --basis-size configure"),
     ({"curvature": "kfac", "solver": "eigen", "eigh_dtype": "float16"}, "--eigh-dtype must"),
     ({"references": "none"}, "--references none needs a step scale: pass --scale"),
     ({"references": "some", "scale": 1.0}, "--references must be"),

@@ -109,7 +109,11 @@ def test_prior_options_are_checked(digits_mlp):
                      ({"prior": "ekfac", "prior_mode": "mix"}, "prior_mode"),
                      ({"prior": "ekfac", "prior_weight": 1.5}, "prior_weight"),
                      ({"prior": "ekfac", "prior_size": 0}, "prior_size"),
-                     ({"prior_mode": "blend"}, "prior='ekfac'")]:
+                     ({"prior_mode": "blend"}, "prior='ekfac'"),
+                     ({"prior_points": "subset"}, "prior='ekfac'"),
+                     ({"prior": "ekfac", "prior_points": "all"}, "prior_points must be"),
+                     ({"prior": "ekfac", "prior_points": "subset", "prior_size": 100},
+                      "pass one of them")]:
         with pytest.raises(ValueError, match=msg):
             repif.InfluenceEstimator(model, train, solver="woodbury", sample_size=32,
                                      **bad).fit()
@@ -138,3 +142,30 @@ def test_quadratic_form_with_a_prior_is_the_solve_dotted(digits_mlp, mode):
     g = _test_gradients(est, digits_mlp)
     torch.testing.assert_close(est.solver.quadratic(g), (g * est.solver.solve(g)).sum(1),
                                rtol=1e-8, atol=1e-12)
+
+
+def test_prior_on_the_subset_with_the_pools_basis(digits_mlp):
+    """prior_points="subset" with kronecker_options basis_size: the prior is EK-FAC with its
+    eigenbasis from the pool and its eigenvalues from the weighted subset (built here by hand
+    from fit_kronecker), and the solve is the dense solve of the blend it stands for."""
+    model, (x, y), _ = digits_mlp
+    est = _estimator(digits_mlp, sampler="logit-importance", prior="ekfac",
+                     prior_mode="blend", prior_weight=0.3, prior_points="subset",
+                     kronecker_options={"basis_size": "pool", "cache_dir": False})
+    prior = est.solver.prior
+    sub = est.subset
+    fm = est.solver.operator.fm
+    want = fit_kronecker(fm, x[sub.indices], y[sub.indices], sub.weights,
+                         basis=(x, y, torch.full((len(y),), 1.0 / len(y), dtype=torch.float64)))
+    for a, b in zip(prior.factors, want.factors, strict=True):
+        torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(a.s_a, b.s_a, rtol=1e-9, atol=1e-12)
+    c_t = _dense_subset_ggn(est)
+    u = _basis(prior)
+    lam = torch.cat([f.eigenvalues.reshape(-1) for f in prior.factors])
+    combined = u.T @ torch.diag(0.3 * lam) @ u + 0.7 * c_t
+    g = _test_gradients(est, digits_mlp)
+    eye = torch.eye(c_t.shape[0], dtype=c_t.dtype)
+    ref = torch.linalg.solve(combined + LAMBDA * eye, g.T).T
+    got = est.inverse_hvp(g)
+    assert float((got - ref).norm() / ref.norm()) < 1e-8

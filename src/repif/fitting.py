@@ -341,7 +341,8 @@ class CurvatureFitter:
         A preconditioner named by the solver's options ("kfac"/"ekfac") is fitted on the same
         subset, with the same weights; a Kronecker prior (woodbury's ``prior``) on ``pool``
         (training indices; default: the last draw's pool, else all), or on ``prior_size`` of
-        its points drawn uniformly (:meth:`prior_subset`); an EK-FAC eigenbasis
+        its points drawn uniformly (:meth:`prior_subset`), or (``prior_points="subset"``) on
+        the subset with its weights; an EK-FAC eigenbasis
         (``basis_size``) on points of the same pool (:meth:`with_basis`)."""
         t0 = time.perf_counter()
         o = self.options
@@ -358,10 +359,14 @@ class CurvatureFitter:
         if isinstance(options.get("prior"), str):
             t1 = time.perf_counter()
             kind = curvature_kinds.build(options["prior"], o.kronecker_options)
-            prior_points = self.prior_subset(pool, options.get("prior_size"))
-            prior_request = dataclasses.replace(
-                self.request(prior_points, fm), shrinkage=0.0, sampler=None, sampler_options={},
-                prior=True)
+            if options.get("prior_points") == "subset":  # the subset, its weights
+                request = request or self.request(subset, fm)
+                prior_request = dataclasses.replace(request, shrinkage=0.0)
+            else:
+                prior_points = self.prior_subset(pool, options.get("prior_size"))
+                prior_request = dataclasses.replace(
+                    self.request(prior_points, fm), shrinkage=0.0, sampler=None,
+                    sampler_options={}, prior=True)
             options["prior"] = kind.build(self.with_basis(kind, prior_request, pool))
             timings["prior_fit_s"] = time.perf_counter() - t1
         curvature = self.curvature(subset, fm, request, pool)

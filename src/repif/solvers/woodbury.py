@@ -13,6 +13,11 @@ uniformly). With K = Q diag(Λ_K) Qᵀ the prior in its Kronecker eigenbasis, D 
 μI + Q diag(d) Qᵀ, still cheap to invert and to take the square root of, so the solve stays
 exact for the combined curvature:
 
+``prior_points="subset"`` fits the prior on the subset itself, with the sampler's weights: with
+``kronecker_options={"basis_size": …}`` that is EK-FAC with its eigenbasis from the pool and its
+eigenvalues from the subset (docs/design.md, "Kronecker factors"), a full-rank prior that needs
+no per-point pass over the pool; without it the prior sees only the subset's directions.
+
 * ``prior_mode="fill"`` (the default): d = max(Λ_K − diag_Q(C_T), 0), the prior's eigenvalues
   less the subset's own diagonal in the same basis, with the subset's factor unshrunk. In every
   layer the diagonal of the combined curvature in the Kronecker eigenbasis is the prior's
@@ -55,7 +60,7 @@ class WoodburySolver(Solver):
 
     def __init__(self, max_rows: int = WOODBURY_MAX_ROWS, prior: Any = None,
                  prior_mode: str = "fill", prior_weight: float = 0.5,
-                 prior_size: int | None = None) -> None:
+                 prior_size: int | None = None, prior_points: str = "pool") -> None:
         self.max_rows = positive_int(max_rows, "max_rows")
         self.prior = check_prior(prior)
         check_choice(prior_mode, PRIOR_MODES, "prior_mode")
@@ -66,10 +71,17 @@ class WoodburySolver(Solver):
         self.prior_weight = float(prior_weight)
         #: Points of the pool the estimator fits the prior on (None: all of it); read there.
         self.prior_size = None if prior_size is None else positive_int(prior_size, "prior_size")
+        #: Points the estimator fits the prior on: "pool" (its points with equal weights) or
+        #: "subset" (the subset with the sampler's weights); read there.
+        check_choice(prior_points, PRIOR_POINTS, "prior_points")
+        self.prior_points = prior_points
         if prior is None and (prior_mode != "fill" or prior_weight != 0.5
-                              or prior_size is not None):
-            raise ValueError("prior_mode, prior_weight and prior_size configure a Kronecker "
-                             "prior: pass prior='ekfac' (or 'kfac') with them")
+                              or prior_size is not None or prior_points != "pool"):
+            raise ValueError("prior_mode, prior_weight, prior_size and prior_points configure "
+                             "a Kronecker prior: pass prior='ekfac' (or 'kfac') with them")
+        if prior_points == "subset" and prior_size is not None:
+            raise ValueError(f"prior_size={prior_size} draws pool points for the prior, but "
+                             "prior_points='subset' fits it on the subset: pass one of them")
 
     def predicted_bytes(self) -> int:
         """Memory the fit keeps: the (mC, p) factor and two (mC, mC) matrices."""
@@ -185,6 +197,8 @@ UNSEEN = 1e-12
 
 #: How a Kronecker prior and the subset's factor combine (module doc).
 PRIOR_MODES = ("fill", "blend", "calibrate")
+#: What a Kronecker prior is fitted on (module doc).
+PRIOR_POINTS = ("pool", "subset")
 
 
 def _rotate(prior: KroneckerCurvature, v: Tensor, inverse: bool) -> Tensor:

@@ -898,11 +898,12 @@ def write(out: Path, results: dict) -> None:
     kron = any(r["method"] == "kronfluence-ekfac" for n in small
                for r in results["problems"][n]["rows"])
     head = ""
-    if small and "wall_s" in results:
-        listed = (f" ({', '.join(small)})" if len(small) < len(results["problems"]) else "")
-        head = (f"`python benchmarks/ekfac.py{' --kronfluence PY' if kron else ''}` — "
-                f"{results['wall_s'] / 60:.1f} min on {results['threads']} thread(s)"
-                f"{listed}.\n\n")
+    timed = [f"{n} {results['problems'][n]['wall_s'] / 60:.1f} min" for n in small
+             if "wall_s" in results["problems"][n]]
+    if timed:
+        head = (f"`python benchmarks/ekfac.py{' --kronfluence PY' if kron else ''}` (one "
+                f"problem: `--problems NAME`; it replaces that problem's results) — "
+                f"{', '.join(timed)} on {results['threads']} thread(s).\n\n")
     tmp = out / "ekfac.md.tmp"
     tmp.write_text("# K-FAC / EK-FAC on sampled subsets\n\n" + head + markdown(results))
     os.replace(tmp, out / "ekfac.md")
@@ -950,11 +951,10 @@ def main() -> None:
     if (out / "ekfac.json").exists():  # merge: the problems not run now keep their results
         previous = json.loads((out / "ekfac.json").read_text())
         results = {**previous, "problems": dict(previous.get("problems", {}))}
-        if any(n in PROBLEMS for n in names):  # their run's wall time and environment
-            results.pop("wall_s", None)
+        if any(n in PROBLEMS for n in names):  # their run's environment
+            results.pop("wall_s", None)  # one total for all problems (before per-problem times)
             results.update(environment=io.environment_metadata(),
                            threads=torch.get_num_threads())
-    small_s = 0.0
     for name in names:
         t = time.perf_counter()
         if name in REFERENCE_PROBLEMS:
@@ -971,10 +971,8 @@ def main() -> None:
         else:
             res = run_problem(Problem(name, Path(args.cache), args.quick), args.kronfluence,
                               log)
-            small_s += time.perf_counter() - t
+            res["wall_s"] = time.perf_counter() - t
         results["problems"][name] = res
-        if small_s:
-            results["wall_s"] = small_s
         write(out, results)
     log(f"wrote {out / 'ekfac.json'} and {out / 'ekfac.md'}")
 

@@ -48,6 +48,9 @@ MODELS = {"lr": ("lds-mnist-lr", 5000, "MNIST-LR"), "mlp": ("lds-mnist-mlp", 500
 BLEND = "ggn:woodbury+prior=ekfac+prior_mode=blend+prior_weight=0.8"
 #: EK-FAC with its eigenbasis fitted on the whole pool and its eigenvalues on the subset.
 BASIS = "ekfac+basis_size=pool:eigen"
+#: The subset GGN blended with that EK-FAC (fitted on the subset, eigenbasis from the pool).
+SUBSET_PRIOR = ("ggn+basis_size=pool:woodbury+prior=ekfac+prior_mode=blend+prior_weight=0.8"
+                "+prior_points=subset")
 CURVES = {
     "lr": [
         f"python benchmarks/lds.py lr --methods {BLEND}@random,{BLEND}@logit-importance "
@@ -75,6 +78,8 @@ CURVES = {
         "--dampings 0.01,0.03",
         f"python benchmarks/lds.py lr --methods {BASIS}@logit-importance,{BASIS}@random "
         "--sizes 50,100,250,500 --seeds 5 --dampings 0.01,0.03,0.1",
+        f"python benchmarks/lds.py lr --methods {SUBSET_PRIOR}@logit-importance,"
+        f"{SUBSET_PRIOR}@random --sizes 50,100,250,500 --seeds 5 --dampings 0.01,0.03",
         "(the plain ggn:woodbury@random / @logit-importance cells and the whole-pool rows: the "
         "commands of lds-mnist-lr.md)",
     ],
@@ -91,10 +96,20 @@ CURVES = {
         " --sizes 50,100,250,500 --seeds 5 --dampings 0.001,0.01   # stopped during m = 250 "
         "(seeds 2–4 of m = 50, 100 and seed 2 of m = 250 added, against a ground truth retrained "
         "on another machine: its noise row reads 0.578, as before)",
+        "python benchmarks/lds.py mlp --methods ggn:woodbury@random,ggn:woodbury@logit-importance"
+        " --sizes 500 --seeds 3 --dampings 0.001,0.01",
+        f"python benchmarks/lds.py mlp --methods {BASIS}@logit-importance,{BASIS}@random "
+        "--sizes 50,100,250,500 --seeds 3 --dampings 0.00001,0.0001,0.001",
+        f"python benchmarks/lds.py mlp --methods {SUBSET_PRIOR}@logit-importance,"
+        f"{SUBSET_PRIOR}@random --sizes 50,100,250,500 --seeds 3 --dampings 0.001",
         "(the other rows: the commands of lds-mnist-mlp.md)",
     ],
     "cnn": [
         "python benchmarks/lds.py cnn",
+        f"python benchmarks/lds.py cnn --methods {BASIS}@logit-importance,{BASIS}@random "
+        "--sizes 20,40,100,200 --seeds 5 --dampings 0.01,0.1",
+        f"python benchmarks/lds.py cnn --methods {SUBSET_PRIOR}@logit-importance,"
+        f"{SUBSET_PRIOR}@random --sizes 20,40,100,200 --seeds 5 --dampings 0.1",
     ],
 }
 
@@ -105,13 +120,15 @@ PLOTTED = [("ggn:woodbury", "random"), ("ggn:woodbury", "logit-importance"),
            ("ggn:woodbury", "first"), (BLEND, "random"), (BLEND, "logit-importance"),
            (BLEND, "first"), ("ekfac:eigen", "first"),
            (BLEND.replace("0.8", "0.5"), "logit-importance"), (BASIS, "random"),
-           (BASIS, "logit-importance")]
+           (BASIS, "logit-importance"), (SUBSET_PRIOR, "random"),
+           (SUBSET_PRIOR, "logit-importance")]
 #: Short names in the plot's legend.
 LABELS = {"ggn:woodbury": "subset GGN (woodbury)",
           BLEND: "subset GGN + 0.8·EK-FAC(pool) (woodbury prior, blend)",
           BLEND.replace("0.8", "0.5"): "subset GGN + 0.5·EK-FAC(pool)",
           "ekfac:eigen": "EK-FAC on the subset",
-          BASIS: "EK-FAC, eigenbasis from the pool, eigenvalues from the subset"}
+          BASIS: "EK-FAC, eigenbasis from the pool, eigenvalues from the subset",
+          SUBSET_PRIOR: "subset GGN + 0.8·that EK-FAC (woodbury, prior_points=subset)"}
 #: Whole-pool reference lines (method names as the LDS benchmark writes them).
 REFERENCES = ["ggn:direct", "kfac:eigen", "ekfac:eigen", "grad-dot"]
 #: Samplers that use no model statistics (the baselines a smart sampler must beat).

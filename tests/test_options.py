@@ -35,13 +35,14 @@ SOLVER_VALUES: dict[str, dict[str, tuple[object, str]]] = {
               "monitor": (_monitor, "monitor")},
     "woodbury": {"max_rows": (99_999, "max_rows"), "prior": ("kfac", "prior.kind"),
                  "prior_mode": ("blend", "prior_mode"), "prior_weight": (0.3, "prior_weight"),
-                 "prior_size": (50, "prior_size")},
+                 "prior_size": (50, "prior_size"), "prior_points": ("subset", "prior_points")},
 }
 
 #: Options that configure another one and are refused without it (the prior's mode, weight and
 #: size need a prior): what each is given with.
 COMPANIONS: dict[tuple[str, str], dict[str, object]] = {
-    ("woodbury", o): {"prior": "kfac"} for o in ("prior_mode", "prior_weight", "prior_size")}
+    ("woodbury", o): {"prior": "kfac"}
+    for o in ("prior_mode", "prior_weight", "prior_size", "prior_points")}
 
 #: One valid, non-default value per sampler option (kept under the option's own name).
 SAMPLER_VALUES: dict[str, dict[str, object]] = {

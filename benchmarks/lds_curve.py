@@ -261,7 +261,8 @@ def goals(name: str, cur: dict, refs: dict, pool: int) -> list[str]:
 
 
 def plot(name: str, cur: dict, refs: dict, path: Path, pool: int, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(8, 5.2))
+    fig, ax = plt.subplots(figsize=(12.5, 5.2))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # a dozen curves: ten colours repeat
     styles = {"ggn:woodbury": "--", BLEND: "-", "ekfac:eigen": ":"}
     markers = {"random": "o", "logit-importance": "s", "first": "x"}
     for est, by_s in sorted(cur.items()):
@@ -288,9 +289,10 @@ def plot(name: str, cur: dict, refs: dict, path: Path, pool: int, title: str) ->
     ax.set_ylabel("LDS (mean over seeds ± SE)")
     ax.set_title(f"{title}: LDS against retraining vs curvature sample size")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    # beside the axes: with a dozen curves and the whole-pool lines, inside it hides some
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -112,8 +112,9 @@ def test_prior_options_are_checked(digits_mlp):
                      ({"prior_mode": "blend"}, "prior='ekfac'"),
                      ({"prior_points": "subset"}, "prior='ekfac'"),
                      ({"prior": "ekfac", "prior_points": "all"}, "prior_points must be"),
-                     ({"prior": "ekfac", "prior_points": "subset", "prior_size": 100},
-                      "pass one of them")]:
+                     ({"prior": "ekfac", "prior_points": "subset", "prior_size": 100,
+                       "prior_mode": "blend"}, "pass one of them"),
+                     ({"prior": "ekfac", "prior_points": "subset"}, "nothing would be added")]:
         with pytest.raises(ValueError, match=msg):
             repif.InfluenceEstimator(model, train, solver="woodbury", sample_size=32,
                                      **bad).fit()
@@ -169,3 +170,18 @@ def test_prior_on_the_subset_with_the_pools_basis(digits_mlp):
     ref = torch.linalg.solve(combined + LAMBDA * eye, g.T).T
     got = est.inverse_hvp(g)
     assert float((got - ref).norm() / ref.norm()) < 1e-8
+
+
+def test_fill_with_an_ekfac_prior_on_the_subset_would_add_nothing(digits_mlp):
+    """Why prior_points='subset' refuses "fill" for EK-FAC: the prior's eigenvalues are the
+    subset's own GGN diagonal in its basis, so the fill's d = max(Λ_K − diag_Q(C_T), 0) is 0
+    (checked here on a prior fitted by hand on the subset, with the pool's basis)."""
+    model, (x, y), _ = digits_mlp
+    est = _estimator(digits_mlp, sampler="logit-importance")
+    sub = est.subset
+    prior = fit_kronecker(est.solver.operator.fm, x[sub.indices], y[sub.indices], sub.weights,
+                          basis=(x, y, torch.full((len(y),), 1.0 / len(y), dtype=torch.float64)))
+    u = _basis(prior)
+    own = torch.einsum("jp,pq,jq->j", u, _dense_subset_ggn(est), u)
+    lam = torch.cat([f.eigenvalues.reshape(-1) for f in prior.factors])
+    torch.testing.assert_close(lam, own, rtol=1e-8, atol=1e-10 * float(lam.max()))

@@ -16,7 +16,9 @@ exact for the combined curvature:
 ``prior_points="subset"`` fits the prior on the subset itself, with the sampler's weights: with
 ``kronecker_options={"basis_size": …}`` that is EK-FAC with its eigenbasis from the pool and its
 eigenvalues from the subset (docs/design.md, "Kronecker factors"), a full-rank prior that needs
-no per-point pass over the pool; without it the prior sees only the subset's directions.
+no per-point pass over the pool; without it the prior sees only the subset's directions. With
+an EK-FAC prior on the subset ``"fill"`` would add nothing (the prior's eigenvalues are the
+subset's own diagonal in its basis) and is refused: blend or calibrate.
 
 * ``prior_mode="fill"`` (the default): d = max(Λ_K − diag_Q(C_T), 0), the prior's eigenvalues
   less the subset's own diagonal in the same basis, with the subset's factor unshrunk. In every
@@ -79,6 +81,14 @@ class WoodburySolver(Solver):
                               or prior_size is not None or prior_points != "pool"):
             raise ValueError("prior_mode, prior_weight, prior_size and prior_points configure "
                              "a Kronecker prior: pass prior='ekfac' (or 'kfac') with them")
+        if prior_points == "subset" and prior_mode == "fill" and prior == "ekfac":
+            # EK-FAC's eigenvalues are the fitted points' GGN diagonal in its basis: fitted on
+            # the subset, they equal the subset's own diagonal, and "fill" adds their difference
+            raise ValueError("prior_mode='fill' adds the prior's eigenvalues less the subset's "
+                             "own diagonal in its basis, and an EK-FAC prior fitted on the "
+                             "subset (prior_points='subset') has exactly that diagonal, so "
+                             "nothing would be added: pass prior_mode='blend' (or "
+                             "'calibrate'), or prior_points='pool'")
         if prior_points == "subset" and prior_size is not None:
             raise ValueError(f"prior_size={prior_size} draws pool points for the prior, but "
                              "prior_points='subset' fits it on the subset: pass one of them")

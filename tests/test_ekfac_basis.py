@@ -123,18 +123,38 @@ def test_estimator_draws_the_basis_points_uniformly_and_reproducibly(digits_mlp,
     assert not torch.equal(bigger.inverse_hvp(bigger.test_gradients(queries)), v)
 
 
-def test_the_basis_comes_from_the_pool_the_subset_was_drawn_from(digits_mlp):
+def test_the_basis_comes_from_the_pool_the_subset_was_drawn_from(digits_mlp, monkeypatch):
     """A removal draws its subset from the retained points; the basis (and, the same way, a
-    Woodbury prior) must come from them too, also when the solver is prepared again."""
+    Woodbury prior) must come from them too, at every Newton step; the estimator's own fit and
+    a new damping after the removal keep the whole training set."""
+    from repif import fitting
+
     model, train, _ = digits_mlp
-    est = _estimator(model, train, kronecker_options={"basis_size": 100, "cache_dir": False})
-    retained = torch.arange(500, 1000)
-    fitter = est.fitter
-    fitter.draw(retained)
-    points = fitter.prior_subset(None, 100, BASIS_STREAM)
-    assert bool((points.indices >= 500).all())
-    fitter.with_damping(0.1, None)
-    assert torch.equal(fitter.drawn_pool, retained)
+    drawn: list[torch.Tensor] = []
+    real = fitting.CurvatureFitter.with_basis
+
+    def spy(self, kind, request, pool=None):
+        out = real(self, kind, request, pool)
+        if out.basis is not None:
+            drawn.append(out.basis.subset.indices.clone())
+        return out
+
+    monkeypatch.setattr(fitting.CurvatureFitter, "with_basis", spy)
+    est = _estimator(model, train, kronecker_options={"basis_size": "pool", "cache_dir": False})
+    est.fit()
+    assert len(drawn) == 1 and drawn[0].numel() == len(train[1])  # the whole training set
+    removed = torch.nonzero(train[1] == 0).flatten()
+    est.remove(removed, scale=1.0, steps=2)
+    assert len(drawn) == 3  # one basis per Newton step, each on the retained points only
+    for idx in drawn[1:]:
+        assert idx.numel() == len(train[1]) - removed.numel()
+        assert not bool(torch.isin(idx, removed).any())
+    est.set_damping(0.1)  # the estimator's own fit again: a basis it refits is on every point
+    assert all(idx.numel() == len(train[1]) for idx in drawn[3:])
+    fitted = est.fitter.draw(torch.arange(500, 1000))
+    assert torch.equal(fitted.pool, torch.arange(500, 1000))
+    again = est.fitter.with_damping(0.2, fitted)
+    assert torch.equal(again.pool, fitted.pool)
 
 
 @pytest.mark.parametrize(("options", "match"), [

@@ -41,6 +41,9 @@ class FittedCurvature:
     subset: Subset
     solver: _solvers.Solver
     timings: dict[str, float] = field(default_factory=dict)
+    #: The training indices the subset was drawn from (None: all): a later preparation on it (a
+    #: new damping, a removal's further steps) fits a prior or an eigenbasis on the same pool.
+    pool: Tensor | None = None
 
     def solve(self, g: Tensor) -> Tensor:
         """(k, p) right-hand sides → (k, p) solutions."""
@@ -126,10 +129,8 @@ class CurvatureFitter:
         #: 'eigen'), a refit with the same subset or a new damping reuses it (Kronecker factors
         #: and their eigendecomposition do not depend on λ).
         self.kept: tuple[Subset, str, Any] | None = None
-        #: The pool (training indices) of the last :meth:`draw`; None: all points. Later
-        #: preparations on its subset (a new damping, a removal's further steps) fit a prior or
-        #: an eigenbasis on the same pool, not on every training point.
-        self.drawn_pool: Tensor | None = None
+        #: The pool (training indices; None: all) of the fit whose curvature is kept.
+        self.kept_pool: Tensor | None = None
 
     def use_statistics(self, statistics: PoolStatistics | tuple[Tensor, Tensor, Tensor]) -> None:
         """Serve later pool statistics from ``statistics`` (logits, features, targets of all
@@ -161,11 +162,11 @@ class CurvatureFitter:
         refused the old damping, on what that fit kept); None when nothing was fitted."""
         self.options = dataclasses.replace(self.options, damping=float(damping))
         if fitted is not None:
-            prepared = self.prepare(fitted.subset)
+            prepared = self.prepare(fitted.subset, pool=fitted.pool)
             return FittedCurvature(fitted.subset, prepared.solver,
-                                   {**fitted.timings, **prepared.timings})
+                                   {**fitted.timings, **prepared.timings}, fitted.pool)
         if self.kept is not None:  # a fit whose solver failed: finish it now
-            return self.prepare(self.kept[0])
+            return self.prepare(self.kept[0], pool=self.kept_pool)
         return None
 
     @property
@@ -234,13 +235,13 @@ class CurvatureFitter:
         """Draw a subset of ``pool`` (training indices; default all) and prepare the solver."""
         t0 = time.perf_counter()
         subset = self.select(pool)
-        self.drawn_pool = None if pool is None else pool.clone()
         if distributed.is_distributed():  # every rank drew the same; make it so by construction
             subset = Subset(distributed.broadcast(subset.indices),
                             distributed.broadcast(subset.weights))
         sample_s = time.perf_counter() - t0
         fitted = self.prepare(subset, pool=pool)
-        return FittedCurvature(subset, fitted.solver, {"sample_s": sample_s, **fitted.timings})
+        return FittedCurvature(subset, fitted.solver, {"sample_s": sample_s, **fitted.timings},
+                               fitted.pool)
 
     def select(self, pool: Tensor | None = None, seed: int | None = None) -> Subset:
         """The curvature subset of ``pool`` (training indices; default all) drawn with the
@@ -263,10 +264,10 @@ class CurvatureFitter:
     def prior_subset(self, pool: Tensor | None, size: int | None,
                      stream: int = PRIOR_STREAM) -> Subset:
         """The points a Kronecker prior (or, ``stream`` = :data:`BASIS_STREAM`, an EK-FAC
-        eigenbasis) is fitted on, with equal weights: all of ``pool`` (default: the last
-        draw's pool, else every training point), or ``size`` of them drawn uniformly without
+        eigenbasis) is fitted on, with equal weights: all of ``pool`` (default every training
+        point), or ``size`` of them drawn uniformly without
         replacement (in training order) with the fit's seed on ``stream``."""
-        p = self.pool(self.drawn_pool if pool is None else pool).indices
+        p = self.pool(pool).indices
         if size is not None and size < p.numel():
             rng = np.random.default_rng((stream, int(self.options.seed)))
             p = p[torch.from_numpy(np.sort(rng.choice(p.numel(), size=size, replace=False)))]
@@ -333,6 +334,7 @@ class CurvatureFitter:
         curvature = kind.build(self.with_basis(kind, request or self.request(subset, fm), pool))
         if own:
             self.kept = (subset, o.curvature, curvature)
+            self.kept_pool = None if pool is None else pool.clone()
         return curvature
 
     def prepare(self, subset: Subset, fm: FunctionalModel | None = None,
@@ -340,7 +342,7 @@ class CurvatureFitter:
         """A solver fitted on ``subset`` at ``fm``'s parameters (default: the trained ones).
         A preconditioner named by the solver's options ("kfac"/"ekfac") is fitted on the same
         subset, with the same weights; a Kronecker prior (woodbury's ``prior``) on ``pool``
-        (training indices; default: the last draw's pool, else all), or on ``prior_size`` of
+        (training indices; default all), or on ``prior_size`` of
         its points drawn uniformly (:meth:`prior_subset`), or (``prior_points="subset"``) on
         the subset with its weights; an EK-FAC eigenbasis
         (``basis_size``) on points of the same pool (:meth:`with_basis`)."""
@@ -372,4 +374,5 @@ class CurvatureFitter:
         curvature = self.curvature(subset, fm, request, pool)
         solver = _solvers.build(o.solver, options).fit(curvature, o.damping)
         return FittedCurvature(subset, solver,
-                               {"solver_fit_s": time.perf_counter() - t0, **timings})
+                               {"solver_fit_s": time.perf_counter() - t0, **timings},
+                               None if pool is None else pool.clone())

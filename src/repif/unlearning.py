@@ -235,7 +235,8 @@ def newton_removal(
         fm_k = fm.at(theta)
         grad_r = sum_gradient(fm_k, fitter.source, rest, fitter.budget, fitter.cost)
         g = -(grad_r / rest.numel() + fm.task.regularizer_gradient(theta))
-        theta = theta + scale * fitter.prepare(fitted.subset, fm_k).solve(g[None])[0]
+        step = fitter.prepare(fitted.subset, fm_k, pool=fitted.pool)  # R's prior and basis
+        theta = theta + scale * step.solve(g[None])[0]
         theta = distributed.broadcast(theta)
     if not bool(torch.isfinite(theta).all()):
         raise ArithmeticError(

@@ -80,3 +80,22 @@ def digits_mlp(digits):
     for p in model.parameters():
         p.requires_grad_(True)
     return model, (xt, yt), (torch.from_numpy(x[te]), torch.from_numpy(y[te]))
+
+
+@pytest.fixture
+def basis_draws(monkeypatch) -> list:
+    """The indices of every EK-FAC eigenbasis the fitter draws (``basis_size``), in order,
+    recorded while the test runs."""
+    from repif import fitting
+
+    drawn: list = []
+    real = fitting.CurvatureFitter.with_basis
+
+    def spy(self, kind, request, pool=None):
+        out = real(self, kind, request, pool)
+        if out.basis is not None:
+            drawn.append(out.basis.subset.indices.clone())
+        return out
+
+    monkeypatch.setattr(fitting.CurvatureFitter, "with_basis", spy)
+    return drawn

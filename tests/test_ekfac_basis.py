@@ -123,23 +123,12 @@ def test_estimator_draws_the_basis_points_uniformly_and_reproducibly(digits_mlp,
     assert not torch.equal(bigger.inverse_hvp(bigger.test_gradients(queries)), v)
 
 
-def test_the_basis_comes_from_the_pool_the_subset_was_drawn_from(digits_mlp, monkeypatch):
+def test_the_basis_comes_from_the_pool_the_subset_was_drawn_from(digits_mlp, basis_draws):
     """A removal draws its subset from the retained points; the basis (and, the same way, a
     Woodbury prior) must come from them too, at every Newton step; the estimator's own fit and
     a new damping after the removal keep the whole training set."""
-    from repif import fitting
-
     model, train, _ = digits_mlp
-    drawn: list[torch.Tensor] = []
-    real = fitting.CurvatureFitter.with_basis
-
-    def spy(self, kind, request, pool=None):
-        out = real(self, kind, request, pool)
-        if out.basis is not None:
-            drawn.append(out.basis.subset.indices.clone())
-        return out
-
-    monkeypatch.setattr(fitting.CurvatureFitter, "with_basis", spy)
+    drawn = basis_draws
     est = _estimator(model, train, kronecker_options={"basis_size": "pool", "cache_dir": False})
     est.fit()
     assert len(drawn) == 1 and drawn[0].numel() == len(train[1])  # the whole training set

@@ -213,7 +213,8 @@ def test_a_study_without_references_gives_the_cells_of_one_with_them(tmp_path):
         torch.testing.assert_close(va, vb, rtol=1e-10, atol=1e-12)
 
 
-def test_cli_passes_basis_size_and_the_study_fits_the_basis_on_the_retained_points(tmp_path):
+def test_cli_passes_basis_size_and_the_study_fits_the_basis_on_the_retained_points(
+        tmp_path, basis_draws):
     """--basis-size reaches the estimator's kronecker_options and changes the cells' hash (the
     default leaves it alone); a study cell then draws the basis from the retained classes: the
     removed class's points are never among them."""
@@ -233,24 +234,12 @@ def test_cli_passes_basis_size_and_the_study_fits_the_basis_on_the_retained_poin
     assert StudyConfig(curvature="ekfac", solver="eigen", basis_size="pool").cell_hash() \
         != base.cell_hash()
 
-    from repif import fitting
-
-    drawn = []
-    real = fitting.CurvatureFitter.with_basis
-
-    def spy(self, kind, request, pool=None):
-        out = real(self, kind, request, pool)
-        if out.basis is not None:
-            drawn.append(out.basis.subset.indices.clone())
-        return out
-
     cfg = StudyConfig(dataset="digits", model="mlp", remove=[0], samplers=["random"],
                       sizes=[16], seeds=1, epochs=3, limit_train=300, limit_test=60,
                       curvature="ekfac", solver="eigen", basis_size=100)
     study = Study(cfg, tmp_path, progress=False)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fitting.CurvatureFitter, "with_basis", spy)
-        results = study.run()
+    results = study.run()
+    drawn = basis_draws
     assert drawn and all(idx.numel() == 100 for idx in drawn)
     labels = study.train_y
     for idx in drawn:

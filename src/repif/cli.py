@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from repif import distributed
+from repif.curvature.kinds import check_basis_size
 from repif.memory import parse_bytes
 from repif.studies.class_removal.config import StudyConfig
 
@@ -127,17 +128,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _basis_size(text: str) -> int | str:
-    """``--basis-size``: a positive number of points, or "pool"."""
-    if text == "pool":
-        return text
+    """``--basis-size``: a positive number of points, or "pool" (checked as the option is)."""
     try:
-        n = int(text)
+        value = text if text == "pool" else int(text)
+        return check_basis_size(value)  # type: ignore[return-value]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a number of points or 'pool', got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of points, got {n}")
-    return n
+            f"expected a positive number of points or 'pool', got {text!r}") from None
 
 
 def _config(args: argparse.Namespace) -> StudyConfig:

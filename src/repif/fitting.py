@@ -128,9 +128,8 @@ class CurvatureFitter:
         #: kept so that a solver failing after an expensive fit (a damping too small for
         #: 'eigen'), a refit with the same subset or a new damping reuses it (Kronecker factors
         #: and their eigendecomposition do not depend on λ).
-        self.kept: tuple[Subset, str, Any] | None = None
-        #: The pool (training indices; None: all) of the fit whose curvature is kept.
-        self.kept_pool: Tensor | None = None
+        #: The last field is the pool (training indices; None: all) the subset was drawn from.
+        self.kept: tuple[Subset, str, Any, Tensor | None] | None = None
 
     def use_statistics(self, statistics: PoolStatistics | tuple[Tensor, Tensor, Tensor]) -> None:
         """Serve later pool statistics from ``statistics`` (logits, features, targets of all
@@ -166,7 +165,7 @@ class CurvatureFitter:
             return FittedCurvature(fitted.subset, prepared.solver,
                                    {**fitted.timings, **prepared.timings}, fitted.pool)
         if self.kept is not None:  # a fit whose solver failed: finish it now
-            return self.prepare(self.kept[0], pool=self.kept_pool)
+            return self.prepare(self.kept[0], pool=self.kept[3])
         return None
 
     @property
@@ -325,7 +324,7 @@ class CurvatureFitter:
         o = self.options
         own = fm is None or fm is self.fm
         if own and self.kept is not None:
-            kept, name, curvature = self.kept
+            kept, name, curvature, _ = self.kept
             if name == o.curvature and torch.equal(kept.indices, subset.indices) and \
                     torch.equal(kept.weights, subset.weights):
                 return curvature
@@ -333,8 +332,7 @@ class CurvatureFitter:
         kind = curvature_kinds.build(o.curvature, options)
         curvature = kind.build(self.with_basis(kind, request or self.request(subset, fm), pool))
         if own:
-            self.kept = (subset, o.curvature, curvature)
-            self.kept_pool = None if pool is None else pool.clone()
+            self.kept = (subset, o.curvature, curvature, None if pool is None else pool.clone())
         return curvature
 
     def prepare(self, subset: Subset, fm: FunctionalModel | None = None,
@@ -342,10 +340,9 @@ class CurvatureFitter:
         """A solver fitted on ``subset`` at ``fm``'s parameters (default: the trained ones).
         A preconditioner named by the solver's options ("kfac"/"ekfac") is fitted on the same
         subset, with the same weights; a Kronecker prior (woodbury's ``prior``) on ``pool``
-        (training indices; default all), or on ``prior_size`` of
-        its points drawn uniformly (:meth:`prior_subset`), or (``prior_points="subset"``) on
-        the subset with its weights; an EK-FAC eigenbasis
-        (``basis_size``) on points of the same pool (:meth:`with_basis`)."""
+        (training indices; default all), or on ``prior_size`` of its points drawn uniformly
+        (:meth:`prior_subset`), or (``prior_points="subset"``) on the subset with its weights;
+        an EK-FAC eigenbasis (``basis_size``) on points of the same pool (:meth:`with_basis`)."""
         t0 = time.perf_counter()
         o = self.options
         options = dict(o.solver_options)

@@ -156,7 +156,6 @@ def fit_kronecker(
         fm, *basis, layers, fisher, budget, seed, corrections=False, progress=progress,
         weight_sharing=weight_sharing)
     a_mats, g_mats = _factor_sums(fm, layers, factor_setup)
-    del factor_setup
     factors: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     for i in range(len(layers)):
         s_a, q_a = _eigh(a_mats[i], eigh_dtype)
